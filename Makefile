@@ -1,0 +1,43 @@
+# forecast-bpf. `make demo` and `make test` are the two commands a newcomer needs; both run the
+# set-up themselves when it is missing (it is a fast no-op the second time).
+VENV     ?= $(CURDIR)/.venv
+PY       := $(VENV)/bin/python
+PYTEST   := $(PY) -m pytest
+SETUP    := $(CURDIR)/scripts/setup.sh
+# Lab kernel for the lab tier and the demo: 6.1 (bookworm) or 6.12 (bookworm-backports).
+KERNEL   ?= 6.1
+CLIENTS  ?= 2
+
+.PHONY: setup venv test test-unit test-kernel test-lab lint demo bench clean
+
+setup:
+	@bash $(SETUP)
+
+# Set-up of the virtualenv alone (no root needed).
+venv:
+	@bash $(SETUP) --venv
+
+test: setup
+	@$(MAKE) --no-print-directory test-unit
+	@$(MAKE) --no-print-directory test-kernel
+	@$(MAKE) --no-print-directory test-lab
+
+test-unit: venv
+	$(PYTEST) -m unit tests/unit
+
+test-kernel: venv
+	$(PYTEST) -m kernel tests/kernel
+
+test-lab: venv
+	FORECAST_LAB_KERNEL=$(KERNEL) $(PYTEST) -m lab tests/lab
+
+lint: venv
+	$(VENV)/bin/ruff check forecast tests
+	$(VENV)/bin/ruff format --check forecast tests
+	$(VENV)/bin/mypy
+
+demo: setup
+	$(VENV)/bin/forecast-bpf lab demo --clients $(CLIENTS) --kernel $(KERNEL)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,96 @@
+"""Command line: argument parsing only; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from forecast import __version__
+
+
+def _lab_options(args: argparse.Namespace) -> object:
+    from forecast.lab.conns import GatewayMode
+    from forecast.lab.lab import LabOptions
+
+    mode = GatewayMode.REFERENCE_PLUGIN if args.reference_plugin else GatewayMode(args.gateway_mode)
+    return LabOptions(clients=args.clients, mode=mode, if_id=args.if_id, libipsec=args.libipsec,
+                      no_broadcast=frozenset(args.no_broadcast or []))
+
+
+def _positive_clients(text: str) -> int:
+    from forecast.lab.topology import MAX_CLIENTS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--clients takes a number, got {text!r}") from None
+    if not 1 <= value <= MAX_CLIENTS:
+        raise argparse.ArgumentTypeError(f"--clients must be 1..{MAX_CLIENTS}, got {value}")
+    return value
+
+
+def _if_id(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--if-id takes a number, got {text!r}") from None
+    if not 1 <= value <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError("--if-id must be 1..4294967295 (0 is not an if_id)")
+    return value
+
+
+def _add_lab_topology_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clients", type=_positive_clients, default=2, help="road warriors (2)")
+    p.add_argument("--kernel", choices=["6.1", "6.12"], default=os.environ.get(
+        "FORECAST_LAB_KERNEL", "6.1"), help="lab VM kernel line (6.1)")
+    p.add_argument("--gateway-mode", choices=["seed", "forecast-bpf", "reference-plugin"],
+                   default="seed", help="seed config alone; + if_id/set_mark_in for "
+                   "forecast-bpf; or strongSwan's own forecast plugin")
+    p.add_argument("--reference-plugin", action="store_true",
+                   help="same as --gateway-mode reference-plugin")
+    p.add_argument("--if-id", type=_if_id, default=42, help="XFRM if_id for forecast-bpf mode")
+    p.add_argument("--no-broadcast", action="append", metavar="CLIENT",
+                   help="this client gets a gateway child without the LAN broadcast TS")
+    p.add_argument("--here", action="store_true",
+                   help="run on this kernel even if it lacks ESP (the VM uses this inside)")
+    p.add_argument("--libipsec", action="store_true",
+                   help="user-space ESP (kernel-libipsec) on this kernel; implies --here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forecast-bpf", description=(
+        "Forward multicast and broadcast across strongSwan IPsec tunnels with eBPF."))
+    parser.add_argument("--version", action="version", version=f"forecast-bpf {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    lab = sub.add_parser("lab", help="try it in a lab with real strongSwan and real IPsec")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True)
+    run = lab_sub.add_parser("run", help="bring the lab up, run SCRIPT on the gateway, tear down")
+    _add_lab_topology_args(run)
+    run.add_argument("script")
+    run.add_argument("args", nargs=argparse.REMAINDER)
+    demo = lab_sub.add_parser("demo", help="tunnels up, strongSwan's plugin scenario, results")
+    _add_lab_topology_args(demo)
+    up = lab_sub.add_parser("up", help="bring a lab up on this kernel and leave it running")
+    _add_lab_topology_args(up)
+    down = lab_sub.add_parser("down", help="tear down a lab brought up with `lab up`")
+    down.add_argument("prefix", nargs="?", help="which lab (default: every lab that is up)")
+    shell = lab_sub.add_parser("shell", help="a shell on the gateway of a running lab")
+    shell.add_argument("prefix", nargs="?", help="which lab (default: the only one up)")
+    lab_sub.add_parser("probe", help="can this kernel run the lab directly?")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "lab":
+        from forecast.lab import cli_lab
+
+        return cli_lab.dispatch(args, _lab_options(args) if hasattr(args, "clients") else None)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Scenario checks on a running lab, driven only by its topology description.
+
+Each check sends bounded, tagged traffic and returns a CheckResult that records what every host
+counted, so a failure says who got what, not just "failed".
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from forecast.lab import inspect, traffic
+from forecast.lab.topology import Host, Topology
+
+SSDP_GROUP = "239.255.255.250"
+SSDP_PORT = 1900
+DEFAULT_COUNT = 20
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'}  {self.name}  {self.detail}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _tag(label: str) -> str:
+    return f"{label}-{secrets.token_hex(3)}"
+
+
+def _receive_everywhere(topo: Topology, hosts: list[Host], send: Any, tag: str, count: int,
+                        expect: dict[str, int]) -> tuple[bool, dict[str, Any]]:
+    """Start receivers on `hosts`, call send(), and compare per-host counts with `expect`
+    (host → copies of every packet: 1 = exactly once, 0 = none at all)."""
+    receivers = {h.name: traffic.Receiver(h.netns, SSDP_PORT, [SSDP_GROUP]) for h in hosts}
+    try:
+        send()
+    finally:
+        import time
+
+        time.sleep(1.0)  # in-flight copies; the receivers stop on SIGTERM
+        got = {name: r.stop() for name, r in receivers.items()}
+    detail: dict[str, Any] = {}
+    ok = True
+    for name, received in got.items():
+        per_seq = received.for_tag(tag)
+        want = expect.get(name, 0)
+        host_ok = (received.exactly_once(tag, count) if want == 1 else not per_seq)
+        ok &= host_ok
+        detail[name] = {"received": sum(per_seq.values()), "distinct": len(per_seq),
+                        "expected": count * want, "ok": host_ok}
+    return ok, detail
+
+
+def lan_to_clients(topo: Topology, dst: str, expect_clients: set[str],
+                   count: int = DEFAULT_COUNT) -> CheckResult:
+    """The LAN host sends to `dst`; every client in expect_clients must get each packet once,
+    every other client none."""
+    tag = _tag("lan")
+    lan = topo.lan_host
+
+    def send() -> None:
+        traffic.send(lan.netns, dst, SSDP_PORT, tag, count, iface="eth0")
+
+    ok, detail = _receive_everywhere(topo, topo.clients, send, tag, count,
+                                     dict.fromkeys(expect_clients, 1))
+    return CheckResult(f"LAN -> {dst} reaches {sorted(expect_clients) or 'no client'} once",
+                       ok, detail)
+
+
+def client_to_others(topo: Topology, origin: str, dst: str, expect_clients: set[str],
+                     expect_lan: bool, count: int = DEFAULT_COUNT) -> CheckResult:
+    """A client sends to `dst` from its virtual IP; the listed clients and (if expected) the LAN
+    host get each packet once; the origin never gets an echo."""
+    tag = _tag(origin)
+    src = topo.host(origin)
+
+    def send() -> None:
+        traffic.send(src.netns, dst, SSDP_PORT, tag, count, src=src.virtual_ip, iface="eth0")
+
+    expect = dict.fromkeys(expect_clients, 1) | ({"lan": 1} if expect_lan else {})
+    ok, detail = _receive_everywhere(topo, [*topo.clients, topo.lan_host], send, tag, count,
+                                     expect)
+    who = sorted(expect_clients) + (["lan"] if expect_lan else [])
+    return CheckResult(f"{origin} -> {dst} reaches {who} once, no echo", ok, detail)
+
+
+def unicast(topo: Topology, count: int = 3) -> CheckResult:
+    """Ping VIP <-> LAN host for every client; the gateway's ESP counters of each SA must rise."""
+    gw_socket = topo.gateway.vici_socket
+    before = inspect.esp_packets(gw_socket)
+    detail: dict[str, Any] = {}
+    ok = True
+    for c in topo.clients:
+        to_lan = traffic.ping(c.netns, topo.lan_host.lan_addr, count, src=c.virtual_ip)
+        from_lan = traffic.ping(topo.lan_host.netns, c.virtual_ip, count)
+        detail[c.name] = {"vip": c.virtual_ip, "ping_to_lan": to_lan, "ping_from_lan": from_lan}
+        ok &= to_lan and from_lan
+    after = inspect.esp_packets(gw_socket)
+    for uid, (pin, pout) in after.items():
+        b_in, b_out = before.get(uid, (0, 0))
+        rose = pin - b_in >= 2 * count and pout - b_out >= 2 * count
+        detail[f"sa{uid}"] = {"esp_in": pin - b_in, "esp_out": pout - b_out, "rose": rose}
+        ok &= rose
+    ok &= len(after) == len(topo.clients)
+    return CheckResult("unicast VIP <-> LAN over ESP, gateway SA counters rise", ok, detail)
+
+
+def reference_scenario(topo: Topology) -> list[CheckResult]:
+    """What strongSwan's forecast plugin does (forecast-plugin.md), as checks."""
+    names = {c.name for c in topo.clients}
+    results = [
+        unicast(topo),
+        lan_to_clients(topo, SSDP_GROUP, names),
+        lan_to_clients(topo, topo.lan_broadcast, names),
+    ]
+    first = topo.clients[0].name
+    results.append(client_to_others(topo, first, SSDP_GROUP, names - {first}, expect_lan=True))
+    return results

@@ -1,0 +1,22 @@
+#!/bin/sh
+# Stage 2 (PID 1 on the host's read-only tree): kernel file systems, then the job agent; the
+# guest powers off when the agent exits. Nothing here may exit without powering off.
+share=/run/forecast-lab-share
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
+mkdir -p /dev/pts && mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
+mount -t debugfs debugfs /sys/kernel/debug
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+mount -t bpf bpf /sys/fs/bpf
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mkdir -p /run/netns /run/lock /var/run
+hostname forecast-lab
+ip link set lo up
+. "$share/guest.env"
+echo "$(cut -d' ' -f1 /proc/uptime)" >"$share/booted"
+for m in $FORECAST_GUEST_MODULES; do modprobe "$m" || echo "stage2: modprobe $m failed"; done
+cd "$FORECAST_REPO" && "$FORECAST_PYTHON" -m forecast.lab.agent --share "$share" >"$share/agent.log" 2>&1
+echo $? >"$share/agent.rc"
+sync
+echo o >/proc/sysrq-trigger
+sleep 10

@@ -1,0 +1,158 @@
+"""A running lab on this kernel: topology + one charon per host + tunnels up. Teardown is total."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from forecast.lab import conns, inspect, netns
+from forecast.lab.charon import CharonInstance
+from forecast.lab.conns import GatewayMode
+from forecast.lab.topology import Topology
+
+DEFAULT_IF_ID = 42
+
+
+@dataclass
+class LabOptions:
+    clients: int = 2
+    mode: GatewayMode = GatewayMode.SEED
+    if_id: int = DEFAULT_IF_ID
+    # User-space ESP (kernel-libipsec) for kernels without ESP, e.g. this machine's kernel tier.
+    libipsec: bool = False
+    # Clients that do not negotiate the LAN's directed broadcast (by name, e.g. {"c2"}).
+    no_broadcast: frozenset[str] = frozenset()
+    connect: bool = True
+    prefix: str = ""
+
+
+class Lab:
+    def __init__(self, options: LabOptions, log: Any = None) -> None:
+        self.options = options
+        self.log = log or sys.stderr
+        self.topology = Topology.plan(options.prefix or netns.unique_prefix("fclab"),
+                                      options.clients)
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"forecast-{self.topology.prefix}-"))
+        self.charons: dict[str, CharonInstance] = {}
+        self.timings: dict[str, float] = {}
+
+    def __enter__(self) -> Lab:
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def _say(self, msg: str) -> None:
+        print(f"lab: {msg}", file=self.log, flush=True)
+
+    # -- bring-up ---------------------------------------------------------------------------
+    def up(self) -> None:
+        t0 = time.monotonic()
+        topo, opts = self.topology, self.options
+        topo.build()
+        topo.extra = {"gateway_mode": opts.mode.value, "if_id": str(opts.if_id),
+                      "kernel": platform.release(), "esp": "libipsec" if opts.libipsec else "kernel"}
+        self.timings["topology_s"] = time.monotonic() - t0
+        self._say(f"topology {topo.prefix}: gateway, {len(topo.clients)} clients, LAN host")
+
+        t1 = time.monotonic()
+        gw_opts: dict[str, dict[str, str]] = {}
+        if opts.mode is GatewayMode.REFERENCE_PLUGIN:
+            gw_opts["forecast"] = {"interface": topo.gw_lan_if, "reinject": conns.GATEWAY_CHILD}
+        hosts = [(topo.gateway, True), *((c, False) for c in topo.clients)]
+        for host, is_gw in hosts:
+            instance = CharonInstance(
+                host.name, host.netns, self.workdir / host.name,
+                conns.charon_plugins(gateway=is_gw, mode=opts.mode, libipsec=opts.libipsec),
+                gw_opts if is_gw else None,
+            )
+            self.charons[host.name] = instance
+            host.vici_socket = str(instance.vici_socket)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda c: c.start(), self.charons.values()))
+        self.timings["charons_s"] = time.monotonic() - t1
+
+        self.charons["gw"].load(
+            conns=conns.gateway_conn(wan_addr=topo.gateway.wan_addr, lan_net=topo.lan_net,
+                                     lan_broadcast=topo.lan_broadcast, mode=opts.mode,
+                                     if_id=opts.if_id),
+            secrets=[conns.shared_secret()], pools=conns.pool(topo.vip_pool))
+        for client in topo.clients:
+            # libipsec refuses a non-local broadcast TS on the client (lab.md).
+            bcast = None if (opts.libipsec or client.name in opts.no_broadcast) \
+                else topo.lan_broadcast
+            self.charons[client.name].load(
+                conns=conns.client_conn(name=client.name, gateway_addr=topo.gateway.wan_addr,
+                                        lan_net=topo.lan_net, lan_broadcast=bcast),
+                secrets=[conns.shared_secret()])
+        self._say(f"charons up ({opts.mode.value} gateway"
+                  f"{', libipsec ESP' if opts.libipsec else ', kernel ESP'})")
+        if opts.connect:
+            self.connect_all()
+        (self.workdir / "topology.json").write_text(topo.to_json())
+
+    def connect(self, client: str) -> None:
+        self.charons[client].initiate(ike=conns.CLIENT_CONN, child=conns.CLIENT_CHILD)
+        self.topology.host(client).virtual_ip = self.virtual_ip(client)
+
+    def connect_all(self) -> None:
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(self.connect, [c.name for c in self.topology.clients]))
+        self.timings["connect_s"] = time.monotonic() - t0
+        vips = ", ".join(f"{c.name}={c.virtual_ip}" for c in self.topology.clients)
+        self._say(f"tunnels up in {self.timings['connect_s']:.1f} s: {vips}")
+
+    def virtual_ip(self, client: str) -> str:
+        for child in inspect.child_sas(str(self.charons[client].vici_socket)):
+            if child["local-vips"]:
+                return child["local-vips"].split()[0]
+        raise RuntimeError(f"{client} has no virtual IP after connecting")
+
+    # -- inspection -------------------------------------------------------------------------
+    def child_sas(self, host: str = "gw") -> list[dict[str, str]]:
+        return inspect.child_sas(str(self.charons[host].vici_socket))
+
+    # -- scripts ----------------------------------------------------------------------------
+    def run_script(self, script: str, args: list[str] | None = None,
+                   timeout: float = 1800) -> int:
+        """Run SCRIPT inside the gateway's namespace with the topology in its environment."""
+        path = Path(script)
+        if not path.exists():
+            raise FileNotFoundError(f"lab script {script} does not exist")
+        if os.access(path, os.X_OK):
+            argv = [str(path.resolve())]
+        elif path.suffix == ".py":
+            argv = [sys.executable, str(path.resolve())]
+        else:
+            argv = ["sh", str(path.resolve())]
+        env = {**os.environ, **self.topology.environment(self.workdir / "topology.json"),
+               "PYTHON": sys.executable}
+        proc = subprocess.run(["ip", "netns", "exec", self.topology.gateway.netns, *argv,
+                               *(args or [])], env=env, timeout=timeout, check=False)
+        return proc.returncode
+
+    # -- teardown ---------------------------------------------------------------------------
+    def down(self) -> None:
+        for charon in self.charons.values():
+            charon.stop()
+        self.topology.destroy()
+        if os.environ.get("FORECAST_LAB_KEEP") != "1":
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        left = netns.list_with_prefix(self.topology.prefix)
+        if left:
+            raise RuntimeError(f"lab teardown left namespaces behind: {left}")

@@ -1,0 +1,62 @@
+"""Network namespaces for the lab and the tests: unique per-run names, commands inside them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Sequence
+
+NETNS_DIR = "/run/netns"
+
+
+class CommandError(RuntimeError):
+    """A command in a namespace failed; the message carries its argv and stderr."""
+
+
+def unique_prefix(base: str = "fc") -> str:
+    """A short per-run prefix, so parallel runs and leftovers never collide."""
+    return f"{base}{secrets.token_hex(3)}"
+
+
+def run(argv: Sequence[str], *, netns: str | None = None, check: bool = True,
+        timeout: float = 60, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run argv (inside `netns` when given); raise CommandError naming the command on failure."""
+    full = [*(["ip", "netns", "exec", netns] if netns else []), *argv]
+    proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input_text,
+                          check=False)
+    if check and proc.returncode != 0:
+        raise CommandError(
+            f"{' '.join(full)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}"
+        )
+    return proc
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(os.path.join(NETNS_DIR, name))
+
+
+def create(name: str) -> None:
+    run(["ip", "netns", "add", name])
+    run(["ip", "link", "set", "lo", "up"], netns=name)
+
+
+def delete(name: str) -> None:
+    """Delete a namespace; first end every process still inside it (only ours live there)."""
+    if not exists(name):
+        return
+    pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), 9)
+        except (ProcessLookupError, ValueError):
+            pass
+    run(["ip", "netns", "del", name], check=False)
+
+
+def list_with_prefix(prefix: str) -> list[str]:
+    try:
+        names = os.listdir(NETNS_DIR)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n.startswith(prefix))

@@ -1,0 +1,168 @@
+"""The lab's network: a gateway (WAN + LAN), N road-warrior clients on a WAN switch, a LAN host.
+
+    c1 ─┐                     ┌─ gw eth0 192.168.0.1   gw eth1 10.1.0.1/16 ── lan eth0 10.1.0.10
+    c2 ─┼─ br0 (switch netns) ┘
+    cN ─┘   clients: eth0 192.168.0.(100+i); virtual IPs from the gateway's pool 10.1.0.128/25
+
+Everything lives in namespaces named <prefix>-<host>; the prefix is unique per run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from forecast.lab import netns
+
+WAN_PREFIXLEN = 24
+GW_WAN_ADDR = "192.168.0.1"
+LAN_NET = "10.1.0.0/16"
+LAN_BROADCAST = "10.1.255.255"
+GW_LAN_ADDR = "10.1.0.1"
+LAN_HOST_ADDR = "10.1.0.10"
+VIP_POOL = "10.1.0.128/25"
+MAX_CLIENTS = 100
+
+
+@dataclass
+class Host:
+    name: str
+    netns: str
+    wan_addr: str = ""
+    lan_addr: str = ""
+    vici_socket: str = ""
+    virtual_ip: str = ""
+
+
+@dataclass
+class Topology:
+    prefix: str
+    gateway: Host
+    lan_host: Host
+    clients: list[Host]
+    switch_netns: str
+    gw_wan_if: str = "eth0"
+    gw_lan_if: str = "eth1"
+    lan_net: str = LAN_NET
+    lan_broadcast: str = LAN_BROADCAST
+    vip_pool: str = VIP_POOL
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def plan(cls, prefix: str, clients: int) -> Topology:
+        if not 1 <= clients <= MAX_CLIENTS:
+            raise ValueError(f"clients must be 1..{MAX_CLIENTS}, got {clients}")
+        return cls(
+            prefix=prefix,
+            gateway=Host("gw", f"{prefix}-gw", GW_WAN_ADDR, GW_LAN_ADDR),
+            lan_host=Host("lan", f"{prefix}-lan", lan_addr=LAN_HOST_ADDR),
+            clients=[Host(f"c{i}", f"{prefix}-c{i}", f"192.168.0.{100 + i}")
+                     for i in range(1, clients + 1)],
+            switch_netns=f"{prefix}-sw",
+        )
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.switch_netns, self.gateway.netns, self.lan_host.netns,
+                *(c.netns for c in self.clients)]
+
+    def host(self, name: str) -> Host:
+        for h in (self.gateway, self.lan_host, *self.clients):
+            if h.name == name:
+                return h
+        raise KeyError(f"no lab host named {name!r}")
+
+    # -- build / destroy --------------------------------------------------------------------
+    def build(self) -> None:
+        try:
+            self._build()
+        except Exception:
+            self.destroy()
+            raise
+
+    def _build(self) -> None:
+        for ns in self.namespaces:
+            netns.create(ns)
+        sw = self.switch_netns
+        netns.run(["ip", "link", "add", "br0", "type", "bridge"], netns=sw)
+        netns.run(["ip", "link", "set", "br0", "up"], netns=sw)
+        for host in (self.gateway, *self.clients):
+            port = f"p-{host.name}"
+            netns.run(["ip", "link", "add", port, "netns", sw, "type", "veth", "peer", "name",
+                       "eth0", "netns", host.netns])
+            netns.run(["ip", "link", "set", port, "master", "br0", "up"], netns=sw)
+            self._address(host.netns, "eth0", f"{host.wan_addr}/{WAN_PREFIXLEN}")
+        gw, lan = self.gateway.netns, self.lan_host.netns
+        netns.run(["ip", "link", "add", self.gw_lan_if, "netns", gw, "type", "veth", "peer",
+                   "name", "eth0", "netns", lan])
+        plen = self.lan_net.split("/")[1]
+        self._address(gw, self.gw_lan_if, f"{self.gateway.lan_addr}/{plen}")
+        self._address(lan, "eth0", f"{self.lan_host.lan_addr}/{plen}")
+        netns.run(["ip", "route", "add", "default", "via", self.gateway.lan_addr], netns=lan)
+        netns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], netns=gw)
+        for ns in self.namespaces:
+            netns.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0",
+                       "net.ipv4.conf.default.rp_filter=0"], netns=ns)
+        for client in self.clients:
+            # Clients hold a /32 virtual IP: without this local broadcast route the LAN's
+            # directed broadcast would never be delivered to them (lab.md).
+            netns.run(["ip", "route", "add", "broadcast", self.lan_broadcast, "dev", "eth0",
+                       "table", "local"], netns=client.netns)
+
+    def _address(self, ns: str, ifname: str, cidr: str) -> None:
+        netns.run(["ip", "addr", "add", cidr, "brd", "+", "dev", ifname], netns=ns)
+        netns.run(["ip", "link", "set", ifname, "up"], netns=ns)
+        # veth TX checksum offload leaves copies made from captured bytes (the reference
+        # plugin's way) with unfinished checksums (lab.md).
+        netns.run(["ethtool", "-K", ifname, "tx", "off"], netns=ns)
+
+    def destroy(self) -> None:
+        for ns in reversed(self.namespaces):
+            netns.delete(ns)
+
+    # -- description for scripts ------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Topology:
+        data = json.loads(text)
+        return cls(
+            prefix=data["prefix"],
+            gateway=Host(**data["gateway"]),
+            lan_host=Host(**data["lan_host"]),
+            clients=[Host(**c) for c in data["clients"]],
+            switch_netns=data["switch_netns"],
+            gw_wan_if=data["gw_wan_if"],
+            gw_lan_if=data["gw_lan_if"],
+            lan_net=data["lan_net"],
+            lan_broadcast=data["lan_broadcast"],
+            vip_pool=data["vip_pool"],
+            extra=data.get("extra", {}),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Topology:
+        return cls.from_json(Path(path).read_text())
+
+    def environment(self, json_path: Path) -> dict[str, str]:
+        """The topology as environment variables, for scripts in any language."""
+        env = {
+            "FORECAST_LAB_TOPOLOGY": str(json_path),
+            "FORECAST_LAB_PREFIX": self.prefix,
+            "FORECAST_LAB_CLIENTS": " ".join(c.name for c in self.clients),
+            "FORECAST_LAB_GW_WAN_IF": self.gw_wan_if,
+            "FORECAST_LAB_GW_LAN_IF": self.gw_lan_if,
+            "FORECAST_LAB_LAN_NET": self.lan_net,
+            "FORECAST_LAB_LAN_BROADCAST": self.lan_broadcast,
+            **{f"FORECAST_LAB_{k.upper()}": v for k, v in self.extra.items()},
+        }
+        for host in (self.gateway, self.lan_host, *self.clients):
+            key = f"FORECAST_LAB_{host.name.upper()}"
+            env[f"{key}_NS"] = host.netns
+            for attr in ("wan_addr", "lan_addr", "vici_socket", "virtual_ip"):
+                value = getattr(host, attr)
+                if value:
+                    env[f"{key}_{attr.upper()}"] = value
+        return env

@@ -1,0 +1,184 @@
+"""Send multicast/broadcast from any lab host and count, per packet, what each host received.
+
+Every datagram carries "<tag> <seq>", so a receiver can tell exactly-once from duplicates, echoes
+and losses. Receivers and senders run as `python -m forecast.lab.traffic` inside the host's
+namespace; the functions below drive them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_RECEIVE_SECONDS = 120.0
+MAX_SEND_COUNT = 100_000
+
+
+@dataclass
+class Received:
+    """What one receiver saw: payload → times received, and payload → source address."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def for_tag(self, tag: str) -> Counter[int]:
+        out: Counter[int] = Counter()
+        for payload, n in self.counts.items():
+            t, _, seq = payload.partition(" ")
+            if t == tag:
+                out[int(seq)] += n
+        return out
+
+    def exactly_once(self, tag: str, count: int) -> bool:
+        return self.for_tag(tag) == Counter(dict.fromkeys(range(count), 1))
+
+    def total(self, tag: str) -> int:
+        return sum(self.for_tag(tag).values())
+
+
+# -- the in-namespace programs -----------------------------------------------------------------
+def _ifindex(name: str) -> int:
+    return socket.if_nametoindex(name)
+
+
+def receive_main(args: argparse.Namespace) -> int:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("", args.port))
+    for group in args.group:
+        # ip_mreqn: join on the named interface (on a client that is the WAN device the
+        # decrypted packets arrive on).
+        mreq = struct.pack("4s4si", socket.inet_aton(group), socket.inet_aton("0.0.0.0"),
+                           _ifindex(args.iface))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+    stop = False
+
+    def on_signal(_sig: int, _frame: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    counts: Counter[str] = Counter()
+    sources: dict[str, str] = {}
+    print("READY", flush=True)
+    deadline = time.monotonic() + min(args.seconds, MAX_RECEIVE_SECONDS)
+    while not stop and time.monotonic() < deadline:
+        ready, _, _ = select.select([sock], [], [], 0.05)
+        if not ready:
+            continue
+        data, (src, _port) = sock.recvfrom(65535)
+        payload = data.decode(errors="replace")
+        counts[payload] += 1
+        sources[payload] = src
+    print(json.dumps({"counts": counts, "sources": sources}), flush=True)
+    return 0
+
+
+def send_main(args: argparse.Namespace) -> int:
+    if not 0 < args.count <= MAX_SEND_COUNT:
+        print(f"send: --count must be 1..{MAX_SEND_COUNT}", file=sys.stderr)
+        return 2
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, args.ttl)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, args.ttl)
+    # Never hear ourselves: an echo must come back through the network to be counted.
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+    if args.src:
+        # A client must send from its virtual IP, or its outbound policy does not match.
+        sock.bind((args.src, 0))
+    if args.iface:
+        mreqn = struct.pack("4s4si", socket.inet_aton("0.0.0.0"),
+                            socket.inet_aton(args.src or "0.0.0.0"), _ifindex(args.iface))
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+    for seq in range(args.count):
+        sock.sendto(f"{args.tag} {seq}".encode() + b"." * args.pad, (args.dst, args.port))
+        if args.interval:
+            time.sleep(args.interval)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m forecast.lab.traffic", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("recv")
+    r.add_argument("--port", type=int, required=True)
+    r.add_argument("--group", action="append", default=[])
+    r.add_argument("--iface", default="eth0")
+    r.add_argument("--seconds", type=float, default=30.0)
+    s = sub.add_parser("send")
+    s.add_argument("--dst", required=True)
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--count", type=int, default=10)
+    s.add_argument("--tag", required=True)
+    s.add_argument("--ttl", type=int, default=1)
+    s.add_argument("--src")
+    s.add_argument("--iface")
+    s.add_argument("--interval", type=float, default=0.002)
+    s.add_argument("--pad", type=int, default=0)
+    args = parser.parse_args(argv)
+    return receive_main(args) if args.cmd == "recv" else send_main(args)
+
+
+# -- drivers used by scripts and tests ---------------------------------------------------------
+class Receiver:
+    """A receiver in a namespace; `stop()` returns what it counted."""
+
+    def __init__(self, netns: str, port: int, groups: list[str], iface: str = "eth0",
+                 seconds: float = 60.0) -> None:
+        argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "forecast.lab.traffic",
+                "recv", "--port", str(port), "--iface", iface, "--seconds", str(seconds)]
+        for g in groups:
+            argv += ["--group", g]
+        self.netns = netns
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "READY":
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            self.proc.kill()
+            raise RuntimeError(f"receiver in {netns} did not start: {line} {err}")
+
+    def stop(self) -> Received:
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=10)
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"receiver in {self.netns} failed: {err}")
+        data = json.loads(out.strip().splitlines()[-1])
+        return Received(Counter(data["counts"]), data["sources"])
+
+
+def send(netns: str, dst: str, port: int, tag: str, count: int = 10, *, src: str | None = None,
+         iface: str | None = None, ttl: int = 1, pad: int = 0) -> None:
+    argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "forecast.lab.traffic", "send",
+            "--dst", dst, "--port", str(port), "--tag", tag, "--count", str(count),
+            "--ttl", str(ttl), "--pad", str(pad)]
+    if src:
+        argv += ["--src", src]
+    if iface:
+        argv += ["--iface", iface]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"send from {netns} to {dst} failed: {proc.stderr.strip()}")
+
+
+def ping(netns: str, dst: str, count: int = 3, src: str | None = None) -> bool:
+    argv = ["ip", "netns", "exec", netns, "ping", "-c", str(count), "-i", "0.2", "-W", "2",
+            *(["-I", src] if src else []), dst]
+    return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""The lab VM: a stock Debian kernel under qemu that runs on this machine's own root file system.
+
+The host's `/` is shared read-only over 9p; the guest writes only to tmpfs and overlays. A second
+9p share carries jobs to the guest's agent (`forecast.lab.agent`) and their results back, so one
+boot serves many scenarios.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import lzma
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+GUEST_DIR = Path(__file__).with_name("guest")
+REPO_DIR = Path(__file__).resolve().parents[2]
+CACHE_DIR = Path(os.environ.get("FORECAST_LAB_CACHE", "/var/cache/forecast-bpf/lab"))
+
+# Enough to reach the host's root over 9p; everything else loads from the host's /lib/modules.
+INITRAMFS_MODULES = ("virtio_pci", "virtio_rng", "9pnet_virtio", "9p", "overlay")
+# Loaded in stage 2 so a missing one is reported once, by name, instead of failing later.
+GUEST_MODULES = (
+    "esp4 xfrm_user xfrm_interface veth bridge tun sch_ingress cls_bpf "
+    "iptable_mangle xt_mark xt_esp xt_policy xt_tcpudp nf_tables"
+)
+BOOT_TIMEOUT_S = 120.0
+BOOT_ATTEMPTS = 3
+
+
+class LabVMError(RuntimeError):
+    """The VM could not be built, booted or driven; the message says which step and why."""
+
+
+@dataclass(frozen=True)
+class GuestKernel:
+    version: str  # e.g. 6.1.0-57-amd64
+    image: Path
+    modules: Path
+
+    @staticmethod
+    def resolve(line: str) -> GuestKernel:
+        """Map a kernel line ("6.1", "6.12") to the newest installed generic amd64 kernel of it."""
+        if not re.fullmatch(r"\d+\.\d+", line):
+            raise LabVMError(f"kernel must look like 6.1 or 6.12, got {line!r}")
+        found: list[GuestKernel] = []
+        for image in glob.glob(f"/boot/vmlinuz-{line}.*-amd64") + glob.glob(
+            f"/boot/vmlinuz-{line}-*-amd64"
+        ):
+            version = image.removeprefix("/boot/vmlinuz-")
+            if version.endswith(("-cloud-amd64", "-rt-amd64")):
+                continue
+            modules = Path("/lib/modules") / version
+            if modules.is_dir():
+                found.append(GuestKernel(version, Path(image), modules))
+        if not found:
+            raise LabVMError(
+                f"no Debian {line} kernel with modules in /boot and /lib/modules: run `make setup`"
+            )
+        return max(found, key=lambda k: [int(x) for x in re.findall(r"\d+", k.version)])
+
+
+def _module_index(modules_dir: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Module name → relative path, and relative path → its dependencies, from modules.dep."""
+    paths: dict[str, str] = {}
+    deps: dict[str, list[str]] = {}
+    for line in (modules_dir / "modules.dep").read_text().splitlines():
+        target, _, rest = line.partition(":")
+        deps[target] = rest.split()
+        name = re.sub(r"\.ko(\.xz|\.zst|\.gz)?$", "", os.path.basename(target)).replace("-", "_")
+        paths[name] = target
+    return paths, deps
+
+
+def _load_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[str]:
+    paths, deps = _module_index(modules_dir)
+    builtin = (modules_dir / "modules.builtin").read_text()
+    order: list[str] = []
+
+    def visit(rel: str) -> None:
+        if rel in order:
+            return
+        for dep in reversed(deps.get(rel, [])):
+            visit(dep)
+        order.append(rel)
+
+    for name in wanted:
+        if name in paths:
+            visit(paths[name])
+        elif not re.search(rf"/{re.escape(name).replace('_', '[-_]')}\.ko$", builtin, re.M):
+            raise LabVMError(f"kernel module {name} is neither in modules.dep nor built in")
+    return order
+
+
+def _read_module(path: Path) -> bytes:
+    # busybox insmod takes plain ELF only; Debian compresses modules from 6.12 on.
+    data = path.read_bytes()
+    if path.suffix == ".xz":
+        return lzma.decompress(data)
+    if path.suffix == ".zst":
+        return subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True).stdout
+    return data
+
+
+def build_initramfs(kernel: GuestKernel) -> Path:
+    """Build (or reuse) the ~1.5 MB initramfs for this kernel; cached by content."""
+    order = _load_order(kernel.modules, INITRAMFS_MODULES)
+    init = (GUEST_DIR / "init").read_bytes()
+    key = hashlib.sha256(init + kernel.version.encode() + "\n".join(order).encode()).hexdigest()
+    out = CACHE_DIR / f"initramfs-{kernel.version}-{key[:12]}.cpio"
+    if out.exists():
+        return out
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="forecast-initramfs-") as tmp:
+        root = Path(tmp)
+        for d in ("bin", "dev", "proc", "sys", "newroot", "ovl", "modules"):
+            (root / d).mkdir()
+        shutil.copy2("/bin/busybox", root / "bin/busybox")
+        (root / "init").write_bytes(init)
+        (root / "init").chmod(0o755)
+        names = []
+        for rel in order:
+            name = re.sub(r"\.(xz|zst|gz)$", "", os.path.basename(rel))
+            (root / "modules" / name).write_bytes(_read_module(kernel.modules / rel))
+            names.append(name)
+        (root / "modules.order").write_text("\n".join(names) + "\n")
+        os.mknod(root / "dev/console", 0o600 | 0o020000, os.makedev(5, 1))
+        files = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True)
+        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--owner=0:0", "--quiet"], cwd=root,
+                              input=files.stdout.encode(), capture_output=True, check=True)
+        tmp_out = out.with_suffix(".tmp")
+        tmp_out.write_bytes(cpio.stdout)
+        os.replace(tmp_out, out)
+    return out
+
+
+@dataclass
+class JobResult:
+    rc: int
+    output: str
+
+
+def _kvm_usable() -> bool:
+    """KVM only where it is known to run a stock kernel: the paravirtual /dev/kvm of some hosts
+    opens fine but cannot, so a failed KVM boot is remembered and TCG used from then on."""
+    if os.environ.get("FORECAST_LAB_ACCEL") in ("tcg", "kvm"):
+        return os.environ["FORECAST_LAB_ACCEL"] == "kvm"
+    return os.access("/dev/kvm", os.R_OK | os.W_OK) and not (CACHE_DIR / "kvm-broken").exists()
+
+
+class LabVM:
+    """One booted guest. Use as a context manager; `run()` executes a command inside."""
+
+    def __init__(self, kernel_line: str = "6.1", *, memory_mb: int = 3072, cpus: int = 2,
+                 log: IO[str] | None = None) -> None:
+        self.kernel = GuestKernel.resolve(kernel_line)
+        self.memory_mb = memory_mb
+        self.cpus = cpus
+        self.log = log or sys.stderr
+        self.share = Path(tempfile.mkdtemp(prefix="forecast-lab-share-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.accel = "tcg"
+        self.boot_seconds = 0.0
+        self._job_seq = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def __enter__(self) -> LabVM:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _say(self, msg: str) -> None:
+        print(f"lab: {msg}", file=self.log, flush=True)
+
+    def _qemu_argv(self, initramfs: Path, accel: str) -> list[str]:
+        stage2 = GUEST_DIR / "stage2.sh"
+        return [
+            "qemu-system-x86_64", "-machine", f"q35,accel={accel}",
+            "-cpu", "host" if accel == "kvm" else "max",
+            "-smp", str(self.cpus), "-m", str(self.memory_mb),
+            "-kernel", str(self.kernel.image), "-initrd", str(initramfs),
+            "-append", f"console=ttyS0 panic=-1 quiet forecast.stage2={stage2}",
+            "-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none",
+            "-serial", f"file:{self.share / 'console.log'}",
+            "-device", "virtio-rng-pci",
+            "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+            "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+            "-fsdev", f"local,id=share,path={self.share},security_model=none,multidevs=remap",
+            "-device", "virtio-9p-pci,fsdev=share,mount_tag=share",
+        ]
+
+    def _write_guest_env(self) -> None:
+        python = REPO_DIR / ".venv/bin/python"
+        if not python.exists():
+            python = Path(sys.executable)
+        env = {
+            "FORECAST_REPO": str(REPO_DIR),
+            "FORECAST_PYTHON": str(python),
+            "FORECAST_GUEST_MODULES": GUEST_MODULES,
+        }
+        (self.share / "guest.env").write_text(
+            "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
+        )
+
+    def _boot_once(self, initramfs: Path, accel: str, timeout: float) -> bool:
+        for name in ("booted", "agent.ready", "agent.rc", "console.log"):
+            (self.share / name).unlink(missing_ok=True)
+        started = time.monotonic()
+        self.proc = subprocess.Popen(self._qemu_argv(initramfs, accel), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        while time.monotonic() - started < timeout:
+            if (self.share / "agent.ready").exists():
+                self.boot_seconds = time.monotonic() - started
+                self.accel = accel
+                return True
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self._kill()
+        return False
+
+    def start(self) -> None:
+        if not shutil.which("qemu-system-x86_64"):
+            raise LabVMError("qemu-system-x86_64 not found: run `make setup` (as root)")
+        if os.geteuid() != 0:
+            raise LabVMError("the lab VM needs root (it reads /boot and shares / over 9p)")
+        initramfs = build_initramfs(self.kernel)
+        self._write_guest_env()
+        (self.share / "jobs").mkdir(exist_ok=True)
+        if _kvm_usable():
+            if self._boot_once(initramfs, "kvm", 30):
+                self._say(f"booted {self.kernel.version} with KVM in {self.boot_seconds:.1f} s")
+                return
+            self._say("KVM could not boot the stock kernel here; using TCG from now on")
+            CACHE_DIR.mkdir(parents=True, exist_ok=True)
+            (CACHE_DIR / "kvm-broken").write_text("a stock kernel did not boot under KVM\n")
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            if self._boot_once(initramfs, "tcg", BOOT_TIMEOUT_S):
+                self._say(f"booted {self.kernel.version} under qemu TCG in "
+                          f"{self.boot_seconds:.1f} s (attempt {attempt})")
+                return
+            # About 1 boot in 40 dies early under TCG (kernel text patching): boot again.
+            self._say(f"guest did not reach its agent (attempt {attempt}); console tail:\n"
+                      + self.console_tail())
+        raise LabVMError(f"lab VM failed to boot {BOOT_ATTEMPTS} times; see console above")
+
+    def console_tail(self, lines: int = 30) -> str:
+        try:
+            text = (self.share / "console.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no console output)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            (self.share / "jobs" / "shutdown").write_text("")
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        self.proc = None
+        if os.environ.get("FORECAST_LAB_KEEP") != "1":
+            shutil.rmtree(self.share, ignore_errors=True)
+
+    # -- jobs -------------------------------------------------------------------------------
+    def run(self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 600,
+            stream: IO[str] | None = None) -> JobResult:
+        """Run argv in the guest (root namespace); returns its exit code and combined output."""
+        if self.proc is None or self.proc.poll() is not None:
+            raise LabVMError("the lab VM is not running:\n" + self.console_tail())
+        self._job_seq += 1
+        jobs = self.share / "jobs"
+        job_id = f"{self._job_seq:04d}"
+        spec = {"argv": argv, "env": env or {}, "timeout": timeout, "cwd": str(REPO_DIR)}
+        tmp = jobs / f"{job_id}.json.tmp"
+        tmp.write_text(json.dumps(spec))
+        os.replace(tmp, jobs / f"{job_id}.json")
+        out_path, rc_path = jobs / f"{job_id}.out", jobs / f"{job_id}.rc"
+        deadline = time.monotonic() + timeout + 30
+        shown = 0
+        while True:
+            done = rc_path.exists()
+            if stream is not None and out_path.exists():
+                text = out_path.read_text(errors="replace")
+                stream.write(text[shown:])
+                stream.flush()
+                shown = len(text)
+            if done:
+                break
+            if self.proc.poll() is not None:
+                raise LabVMError(f"the lab VM stopped during job {argv!r}:\n" + self.console_tail())
+            if time.monotonic() > deadline:
+                raise LabVMError(f"job {argv!r} gave no result within {timeout + 30:.0f} s")
+            time.sleep(0.1)
+        output = out_path.read_text(errors="replace") if out_path.exists() else ""
+        return JobResult(int(rc_path.read_text().strip()), output)
