@@ -51,7 +51,9 @@ def run_script(opts: LabOptions, script: str, args: list[str], *, kernel: str, h
         with Lab(opts, log=log) as lab:
             return lab.run_script(script, args)
     with LabVM(kernel, log=log) as vm:
-        argv = guest_command("run", opts, [str(Path(script).resolve()), *args])
+        if not Path(script).exists():
+            raise FileNotFoundError(f"lab script {script} does not exist")
+        argv = guest_command("run", opts, [str(vm.guest_path(Path(script))), *args])
         return vm.run(argv, stream=sys.stdout).rc
 
 

@@ -36,6 +36,8 @@ GUEST_MODULES = (
     "iptable_mangle xt_mark xt_esp xt_policy xt_tcpudp nf_tables"
 )
 BOOT_TIMEOUT_S = 120.0
+GUEST_SHARE = Path("/run/forecast-lab-share")  # where guest/init mounts the share
+GUEST_PRIVATE_DIRS = tuple(Path(d) for d in ("/tmp", "/run", "/root", "/dev"))
 BOOT_ATTEMPTS = 3
 
 
@@ -281,6 +283,18 @@ class LabVM:
             shutil.rmtree(self.share, ignore_errors=True)
 
     # -- jobs -------------------------------------------------------------------------------
+    def guest_path(self, host_path: Path) -> Path:
+        """A path the guest can read for a host file: the guest has its own /tmp, /run and
+        /root (tmpfs), so a file there is copied into the share first."""
+        host_path = host_path.resolve()
+        if not any(host_path.is_relative_to(d) for d in GUEST_PRIVATE_DIRS):
+            return host_path
+        scripts = self.share / "files"
+        scripts.mkdir(exist_ok=True)
+        copy = scripts / f"{len(list(scripts.iterdir())):03d}-{host_path.name}"
+        shutil.copy2(host_path, copy)
+        return GUEST_SHARE / copy.relative_to(self.share)
+
     def run(self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 600,
             stream: IO[str] | None = None) -> JobResult:
         """Run argv in the guest (root namespace); returns its exit code and combined output."""
