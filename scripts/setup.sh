@@ -40,44 +40,7 @@ add_backports_source() {
   if grep -rqsE "^[^#]*${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
     return 0
   fi
-  python3 - "$codename" "$target" <<'PY'
-import glob, re, sys
-codename, target = sys.argv[1], sys.argv[2]
-found = None
-for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-    for stanza in re.split(r"\n\s*\n", open(path).read()):
-        fields = {}
-        for line in stanza.splitlines():
-            if line.startswith("#") or ":" not in line:
-                continue
-            key, _, value = line.partition(":")
-            fields[key.strip().lower()] = value.strip()
-        if codename in fields.get("suites", "").split() and "deb" in fields.get("types", "").split():
-            found = fields
-            break
-    if found:
-        break
-if found is None:
-    for path in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
-        try:
-            lines = open(path).read().splitlines()
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            m = re.match(r"\s*deb\s+(\[[^\]]*\]\s+)?(\S+)\s+" + re.escape(codename) + r"\s", line + " ")
-            if m:
-                found = {"uris": m.group(2), "components": "main"}
-                break
-        if found:
-            break
-if found is None:
-    sys.exit(f"no apt source for suite {codename} found to derive {codename}-backports from")
-out = ["Types: deb", f"URIs: {found['uris']}", f"Suites: {codename}-backports", "Components: main"]
-if "signed-by" in found:
-    out.append(f"Signed-By: {found['signed-by']}")
-open(target, "w").write("\n".join(out) + "\n")
-print(f"setup: wrote {target} from the machine's {codename} source", file=sys.stderr)
-PY
+  python3 "$here/scripts/apt_backports.py" "$codename" "$target"
 }
 
 install_system() {
@@ -88,8 +51,11 @@ install_system() {
   if [ "$(cat "$stamp_dir/system.stamp" 2>/dev/null)" = "$(want_stamp)" ]; then
     return 0
   fi
-  add_backports_source
   log "apt-get update"
+  apt-get -q -o DPkg::Lock::Timeout=600 update >/dev/null
+  # The backports derivation is Python; a minimal Debian may not have it yet.
+  command -v python3 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install "${apt_opts[@]}" python3
+  add_backports_source
   apt-get -q -o DPkg::Lock::Timeout=600 update >/dev/null
   log "installing ${#system_packages[@]} packages and lab kernels $lab_kernel_61, $lab_kernel_612"
   DEBIAN_FRONTEND=noninteractive apt-get install "${apt_opts[@]}" "${system_packages[@]}" \

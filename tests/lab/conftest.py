@@ -1,0 +1,100 @@
+"""Lab tier: real kernel ESP. One VM boot per kernel line per test session; each scenario is a
+`forecast-bpf lab run --here` job inside it (or runs directly on a capable host kernel).
+
+Cannot run (no root, no qemu, no kernel) → every test errors with the reason, never a skip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forecast.lab import capability
+from forecast.lab.vm import LabVM, LabVMError
+
+SCRIPTS = Path(__file__).with_name("scripts")
+
+
+@dataclass
+class ScenarioRun:
+    rc: int
+    output: str
+    seconds: float
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    def result(self, name_part: str) -> dict[str, Any]:
+        for r in self.results:
+            if name_part in r["name"]:
+                return r
+        raise AssertionError(f"no result named like {name_part!r} in:\n{self.output}")
+
+
+class LabRunner:
+    """Runs lab commands where the lab lives: inside a booted VM, or here on a capable kernel."""
+
+    def __init__(self, vm: LabVM | None, kernel: str) -> None:
+        self.vm = vm
+        self.kernel = kernel
+        self.timings: list[tuple[str, float]] = []
+
+    def run(self, argv: list[str], timeout: float = 300) -> tuple[int, str]:
+        if self.vm is not None:
+            job = self.vm.run(argv, timeout=timeout)
+            return job.rc, job.output
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    def lab(self, sub: str, *args: str, timeout: float = 300) -> ScenarioRun:
+        argv = [sys.executable, "-m", "forecast", "lab", sub, "--here", *args]
+        t0 = time.monotonic()
+        rc, out = self.run(argv, timeout)
+        seconds = time.monotonic() - t0
+        self.timings.append((" ".join(args), seconds))
+        results = [json.loads(line.removeprefix("RESULT "))
+                   for line in out.splitlines() if line.startswith("RESULT ")]
+        return ScenarioRun(rc, out, seconds, results)
+
+    def script(self, name: str, *lab_args: str, script_args: tuple[str, ...] = ()
+               ) -> ScenarioRun:
+        return self.lab("run", *lab_args, str(SCRIPTS / name), *script_args)
+
+
+def _runner(kernel: str) -> Iterator[LabRunner]:
+    if os.geteuid() != 0:
+        pytest.fail("lab tier needs root (qemu, namespaces, charon): run as root", pytrace=False)
+    if capability.probe().can_run_lab:
+        yield LabRunner(None, kernel)
+        return
+    try:
+        vm = LabVM(kernel)
+        vm.start()
+    except LabVMError as exc:
+        pytest.fail(f"lab tier cannot boot the {kernel} lab VM: {exc}", pytrace=False)
+    runner = LabRunner(vm, kernel)
+    try:
+        yield runner
+    finally:
+        # Nothing may outlive a scenario inside the guest either.
+        rc, left = runner.run(["ip", "netns", "list"])
+        vm.stop()
+        print(f"\nlab {kernel}: boot {vm.boot_seconds:.1f} s; scenarios: "
+              + ", ".join(f"{name or 'default'} {s:.1f} s" for name, s in runner.timings))
+        assert rc == 0 and not left.strip(), f"namespaces left in the lab guest: {left}"
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[LabRunner]:
+    yield from _runner(os.environ.get("FORECAST_LAB_KERNEL", "6.1"))
+
+
+@pytest.fixture(scope="session")
+def lab_612() -> Iterator[LabRunner]:
+    yield from _runner("6.12")

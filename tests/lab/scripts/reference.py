@@ -1,0 +1,14 @@
+"""Lab script: strongSwan's forecast plugin scenario (checks.reference_scenario)."""
+
+import json
+import os
+import sys
+
+from forecast.lab import checks
+from forecast.lab.topology import Topology
+
+topo = Topology.load(os.environ["FORECAST_LAB_TOPOLOGY"])
+results = checks.reference_scenario(topo)
+for r in results:
+    print("RESULT " + json.dumps(r.as_dict()), flush=True)
+sys.exit(0 if all(r.ok for r in results) else 1)

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from forecast.lab import conns
+from forecast.lab.conns import GatewayMode
+
+
+def _child(mode: GatewayMode) -> dict[str, object]:
+    conn = conns.gateway_conn(wan_addr="192.168.0.1", lan_net="10.1.0.0/16",
+                              lan_broadcast="10.1.255.255", mode=mode, if_id=42)
+    child: dict[str, object] = conn["rw"]["children"]["rw"]
+    return child
+
+
+def test_gateway_child_follows_the_seed() -> None:
+    child = _child(GatewayMode.SEED)
+    assert child["local_ts"] == ["10.1.0.0/16", "224.0.0.0/4"]
+    assert child["remote_ts"] == ["dynamic", "224.0.0.0/4", "10.1.255.255"]
+    assert child["mark_in"] == child["mark_out"] == "%unique"
+    assert "if_id_in" not in child and "set_mark_in" not in child
+
+
+def test_forecast_bpf_mode_adds_if_id_and_set_mark_in() -> None:
+    child = _child(GatewayMode.FORECAST_BPF)
+    assert child["if_id_in"] == child["if_id_out"] == "42"
+    assert child["set_mark_in"] == "%same"
+    assert child["mark_in"] == "%unique"
+
+
+def test_reference_plugin_is_loaded_only_on_the_gateway_in_its_mode() -> None:
+    ref = conns.charon_plugins(gateway=True, mode=GatewayMode.REFERENCE_PLUGIN, libipsec=False)
+    assert "forecast" in ref and "farp" in ref
+    assert "forecast" not in conns.charon_plugins(gateway=True, mode=GatewayMode.SEED,
+                                                  libipsec=False)
+    assert "forecast" not in conns.charon_plugins(gateway=False,
+                                                  mode=GatewayMode.REFERENCE_PLUGIN,
+                                                  libipsec=False)
+
+
+def test_libipsec_comes_before_kernel_netlink() -> None:
+    plugins = conns.charon_plugins(gateway=False, mode=GatewayMode.SEED, libipsec=True)
+    assert plugins.index("kernel-libipsec") < plugins.index("kernel-netlink")
+
+
+def test_client_broadcast_ts_is_optional() -> None:
+    with_b = conns.client_conn(name="c1", gateway_addr="192.168.0.1", lan_net="10.1.0.0/16",
+                               lan_broadcast="10.1.255.255")
+    without = conns.client_conn(name="c2", gateway_addr="192.168.0.1", lan_net="10.1.0.0/16",
+                                lan_broadcast=None)
+    assert "10.1.255.255" in with_b["gw"]["children"]["gw"]["local_ts"]
+    assert without["gw"]["children"]["gw"]["local_ts"] == ["dynamic", "224.0.0.0/4"]
+    assert without["gw"]["local"]["id"] == "c2@forecast.lab"
