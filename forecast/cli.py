@@ -10,15 +10,6 @@ from collections.abc import Sequence
 from forecast import __version__
 
 
-def _lab_options(args: argparse.Namespace) -> object:
-    from forecast.lab.conns import GatewayMode
-    from forecast.lab.lab import LabOptions
-
-    mode = GatewayMode.REFERENCE_PLUGIN if args.reference_plugin else GatewayMode(args.gateway_mode)
-    return LabOptions(clients=args.clients, mode=mode, if_id=args.if_id, libipsec=args.libipsec,
-                      no_broadcast=frozenset(args.no_broadcast or []))
-
-
 def _positive_clients(text: str) -> int:
     from forecast.lab.topology import MAX_CLIENTS
 
@@ -43,25 +34,46 @@ def _if_id(text: str) -> int:
 
 def _add_lab_topology_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=_positive_clients, default=2, help="road warriors (2)")
-    p.add_argument("--kernel", choices=["6.1", "6.12"], default=os.environ.get(
-        "FORECAST_LAB_KERNEL", "6.1"), help="lab VM kernel line (6.1)")
-    p.add_argument("--gateway-mode", choices=["seed", "forecast-bpf", "reference-plugin"],
-                   default="seed", help="seed config alone; + if_id/set_mark_in for "
-                   "forecast-bpf; or strongSwan's own forecast plugin")
-    p.add_argument("--reference-plugin", action="store_true",
-                   help="same as --gateway-mode reference-plugin")
+    p.add_argument(
+        "--kernel",
+        choices=["6.1", "6.12"],
+        default=os.environ.get("FORECAST_LAB_KERNEL", "6.1"),
+        help="lab VM kernel line (6.1)",
+    )
+    p.add_argument(
+        "--gateway-mode",
+        choices=["seed", "forecast-bpf", "reference-plugin"],
+        default="seed",
+        help="seed config alone; + if_id/set_mark_in for "
+        "forecast-bpf; or strongSwan's own forecast plugin",
+    )
+    p.add_argument(
+        "--reference-plugin", action="store_true", help="same as --gateway-mode reference-plugin"
+    )
     p.add_argument("--if-id", type=_if_id, default=42, help="XFRM if_id for forecast-bpf mode")
-    p.add_argument("--no-broadcast", action="append", metavar="CLIENT",
-                   help="this client gets a gateway child without the LAN broadcast TS")
-    p.add_argument("--here", action="store_true",
-                   help="run on this kernel even if it lacks ESP (the VM uses this inside)")
-    p.add_argument("--libipsec", action="store_true",
-                   help="user-space ESP (kernel-libipsec) on this kernel; implies --here")
+    p.add_argument(
+        "--no-broadcast",
+        action="append",
+        metavar="CLIENT",
+        help="this client gets a gateway child without the LAN broadcast TS",
+    )
+    p.add_argument(
+        "--here",
+        action="store_true",
+        help="run on this kernel even if it lacks ESP (the VM uses this inside)",
+    )
+    p.add_argument(
+        "--libipsec",
+        action="store_true",
+        help="user-space ESP (kernel-libipsec) on this kernel; implies --here",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="forecast-bpf", description=(
-        "Forward multicast and broadcast across strongSwan IPsec tunnels with eBPF."))
+    parser = argparse.ArgumentParser(
+        prog="forecast-bpf",
+        description=("Forward multicast and broadcast across strongSwan IPsec tunnels with eBPF."),
+    )
     parser.add_argument("--version", action="version", version=f"forecast-bpf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -88,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "lab":
         from forecast.lab import cli_lab
 
-        return cli_lab.dispatch(args, _lab_options(args) if hasattr(args, "clients") else None)
+        return cli_lab.dispatch(args)
     return 2
 
 

@@ -34,9 +34,14 @@ def run_job(spec_path: Path) -> None:
     env = {**os.environ, **spec.get("env", {})}
     with out_path.open("w", buffering=1) as out:
         try:
-            proc = subprocess.Popen(spec["argv"], stdout=out, stderr=subprocess.STDOUT,
-                                    env=env, cwd=spec.get("cwd") or None,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                spec["argv"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=spec.get("cwd") or None,
+                start_new_session=True,
+            )
         except OSError as exc:
             out.write(f"agent: cannot start {spec['argv']!r}: {exc}\n")
             _write_atomic(rc_path, "127\n")

@@ -41,14 +41,36 @@ def probe() -> KernelCapability:
     netns.create(name)
     try:
         esp = netns.run(
-            ["ip", "xfrm", "state", "add", "src", "192.0.2.1", "dst", "192.0.2.2", "proto", "esp",
-             "spi", "0x100", "mode", "tunnel", "enc", "cbc(aes)", "0x" + "11" * 16,
-             "auth-trunc", "hmac(sha256)", "0x" + "22" * 32, "128"],
-            netns=name, check=False,
+            [
+                "ip",
+                "xfrm",
+                "state",
+                "add",
+                "src",
+                "192.0.2.1",
+                "dst",
+                "192.0.2.2",
+                "proto",
+                "esp",
+                "spi",
+                "0x100",
+                "mode",
+                "tunnel",
+                "enc",
+                "cbc(aes)",
+                "0x" + "11" * 16,
+                "auth-trunc",
+                "hmac(sha256)",
+                "0x" + "22" * 32,
+                "128",
+            ],
+            netns=name,
+            check=False,
         )
         xfrmi = netns.run(
             ["ip", "link", "add", "fcprobe0", "type", "xfrm", "dev", "lo", "if_id", "7"],
-            netns=name, check=False,
+            netns=name,
+            check=False,
         )
     finally:
         netns.delete(name)

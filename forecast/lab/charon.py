@@ -7,7 +7,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +20,16 @@ class CharonError(RuntimeError):
     """charon could not be started or driven; the message names the instance and the step."""
 
 
-def render_strongswan_conf(*, workdir: Path, plugins: list[str],
-                           plugin_options: dict[str, dict[str, str]]) -> str:
+def render_strongswan_conf(
+    *, workdir: Path, plugins: list[str], plugin_options: dict[str, dict[str, str]]
+) -> str:
     options = "".join(
         f"    {plugin} {{\n" + "".join(f"      {k} = {v}\n" for k, v in opts.items()) + "    }\n"
         for plugin, opts in plugin_options.items()
     )
     return f"""charon {{
   load_modular = no
-  load = {' '.join(plugins)}
+  load = {" ".join(plugins)}
   retransmit_tries = 3
   retransmit_timeout = 2.0
   filelog {{
@@ -56,8 +57,14 @@ def render_strongswan_conf(*, workdir: Path, plugins: list[str],
 
 
 class CharonInstance:
-    def __init__(self, name: str, netns: str, workdir: Path, plugins: list[str],
-                 plugin_options: dict[str, dict[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        netns: str,
+        workdir: Path,
+        plugins: list[str],
+        plugin_options: dict[str, dict[str, str]] | None = None,
+    ) -> None:
         self.name = name
         self.netns = netns
         # Not under /run: that is replaced by this instance's own directory (the pid file path
@@ -82,19 +89,24 @@ class CharonInstance:
         rundir = self.workdir / "run"
         rundir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "strongswan.conf"
-        conf.write_text(render_strongswan_conf(workdir=self.workdir, plugins=self.plugins,
-                                               plugin_options=self.plugin_options))
+        conf.write_text(
+            render_strongswan_conf(
+                workdir=self.workdir, plugins=self.plugins, plugin_options=self.plugin_options
+            )
+        )
         script = f'mount --bind "{rundir}" /run && exec env STRONGSWAN_CONF="{conf}" {CHARON}'
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", self.netns, "sh", "-c", script],
-            stdin=subprocess.DEVNULL, stdout=(self.workdir / "charon.stdout").open("wb"),
+            stdin=subprocess.DEVNULL,
+            stdout=(self.workdir / "charon.stdout").open("wb"),
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise CharonError(f"{self.name}: charon exited {self.proc.returncode}:\n"
-                                  + self.log_tail())
+                raise CharonError(
+                    f"{self.name}: charon exited {self.proc.returncode}:\n" + self.log_tail()
+                )
             try:
                 with self.session():
                     return
@@ -105,10 +117,8 @@ class CharonInstance:
     def log_tail(self, lines: int = 25) -> str:
         texts = []
         for path in (self.workdir / "charon.stdout", self.log_path):
-            try:
+            with suppress(FileNotFoundError):
                 texts.extend(path.read_text(errors="replace").splitlines()[-lines:])
-            except FileNotFoundError:
-                pass
         return "\n".join(texts)
 
     @contextmanager
@@ -120,8 +130,13 @@ class CharonInstance:
         finally:
             sock.close()
 
-    def load(self, *, conns: dict[str, Any], secrets: list[dict[str, Any]],
-             pools: dict[str, Any] | None = None) -> None:
+    def load(
+        self,
+        *,
+        conns: dict[str, Any],
+        secrets: list[dict[str, Any]],
+        pools: dict[str, Any] | None = None,
+    ) -> None:
         with self.session() as s:
             for secret in secrets:
                 s.load_shared(secret)
@@ -135,8 +150,9 @@ class CharonInstance:
                 for _log in s.initiate({"ike": ike, "child": child, "timeout": timeout_ms}):
                     pass
         except Exception as exc:  # vici raises its own CommandException on failure
-            raise CharonError(f"{self.name}: initiate {ike}/{child} failed: {exc}\n"
-                              + self.log_tail()) from exc
+            raise CharonError(
+                f"{self.name}: initiate {ike}/{child} failed: {exc}\n" + self.log_tail()
+            ) from exc
 
     def list_sas(self) -> list[dict[str, Any]]:
         with self.session() as s:

@@ -7,6 +7,7 @@ counted, so a failure says who got what, not just "failed".
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,16 +36,15 @@ def _tag(label: str) -> str:
     return f"{label}-{secrets.token_hex(3)}"
 
 
-def _receive_everywhere(topo: Topology, hosts: list[Host], send: Any, tag: str, count: int,
-                        expect: dict[str, int]) -> tuple[bool, dict[str, Any]]:
+def _receive_everywhere(
+    topo: Topology, hosts: list[Host], send: Any, tag: str, count: int, expect: dict[str, int]
+) -> tuple[bool, dict[str, Any]]:
     """Start receivers on `hosts`, call send(), and compare per-host counts with `expect`
     (host → copies of every packet: 1 = exactly once, 0 = none at all)."""
     receivers = {h.name: traffic.Receiver(h.netns, SSDP_PORT, [SSDP_GROUP]) for h in hosts}
     try:
         send()
     finally:
-        import time
-
         time.sleep(1.0)  # in-flight copies; the receivers stop on SIGTERM
         got = {name: r.stop() for name, r in receivers.items()}
     detail: dict[str, Any] = {}
@@ -52,15 +52,20 @@ def _receive_everywhere(topo: Topology, hosts: list[Host], send: Any, tag: str, 
     for name, received in got.items():
         per_seq = received.for_tag(tag)
         want = expect.get(name, 0)
-        host_ok = (received.exactly_once(tag, count) if want == 1 else not per_seq)
+        host_ok = received.exactly_once(tag, count) if want == 1 else not per_seq
         ok &= host_ok
-        detail[name] = {"received": sum(per_seq.values()), "distinct": len(per_seq),
-                        "expected": count * want, "ok": host_ok}
+        detail[name] = {
+            "received": sum(per_seq.values()),
+            "distinct": len(per_seq),
+            "expected": count * want,
+            "ok": host_ok,
+        }
     return ok, detail
 
 
-def lan_to_clients(topo: Topology, dst: str, expect_clients: set[str],
-                   count: int = DEFAULT_COUNT) -> CheckResult:
+def lan_to_clients(
+    topo: Topology, dst: str, expect_clients: set[str], count: int = DEFAULT_COUNT
+) -> CheckResult:
     """The LAN host sends to `dst`; every client in expect_clients must get each packet once,
     every other client none."""
     tag = _tag("lan")
@@ -69,14 +74,22 @@ def lan_to_clients(topo: Topology, dst: str, expect_clients: set[str],
     def send() -> None:
         traffic.send(lan.netns, dst, SSDP_PORT, tag, count, iface="eth0")
 
-    ok, detail = _receive_everywhere(topo, topo.clients, send, tag, count,
-                                     dict.fromkeys(expect_clients, 1))
-    return CheckResult(f"LAN -> {dst} reaches {sorted(expect_clients) or 'no client'} once",
-                       ok, detail)
+    ok, detail = _receive_everywhere(
+        topo, topo.clients, send, tag, count, dict.fromkeys(expect_clients, 1)
+    )
+    return CheckResult(
+        f"LAN -> {dst} reaches {sorted(expect_clients) or 'no client'} once", ok, detail
+    )
 
 
-def client_to_others(topo: Topology, origin: str, dst: str, expect_clients: set[str],
-                     expect_lan: bool, count: int = DEFAULT_COUNT) -> CheckResult:
+def client_to_others(
+    topo: Topology,
+    origin: str,
+    dst: str,
+    expect_clients: set[str],
+    expect_lan: bool,
+    count: int = DEFAULT_COUNT,
+) -> CheckResult:
     """A client sends to `dst` from its virtual IP; the listed clients and (if expected) the LAN
     host get each packet once; the origin never gets an echo."""
     tag = _tag(origin)
@@ -86,8 +99,7 @@ def client_to_others(topo: Topology, origin: str, dst: str, expect_clients: set[
         traffic.send(src.netns, dst, SSDP_PORT, tag, count, src=src.virtual_ip, iface="eth0")
 
     expect = dict.fromkeys(expect_clients, 1) | ({"lan": 1} if expect_lan else {})
-    ok, detail = _receive_everywhere(topo, [*topo.clients, topo.lan_host], send, tag, count,
-                                     expect)
+    ok, detail = _receive_everywhere(topo, [*topo.clients, topo.lan_host], send, tag, count, expect)
     who = sorted(expect_clients) + (["lan"] if expect_lan else [])
     return CheckResult(f"{origin} -> {dst} reaches {who} once, no echo", ok, detail)
 

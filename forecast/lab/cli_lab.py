@@ -7,6 +7,7 @@ import os
 import sys
 
 from forecast.lab import capability, runner
+from forecast.lab.conns import GatewayMode
 from forecast.lab.lab import LabOptions
 from forecast.lab.vm import LabVMError
 
@@ -16,33 +17,26 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def dispatch(args: argparse.Namespace, opts: object) -> int:
+def lab_options(args: argparse.Namespace) -> LabOptions:
+    mode = GatewayMode.REFERENCE_PLUGIN if args.reference_plugin else GatewayMode(args.gateway_mode)
+    return LabOptions(
+        clients=args.clients,
+        mode=mode,
+        if_id=args.if_id,
+        libipsec=args.libipsec,
+        no_broadcast=frozenset(args.no_broadcast or []),
+    )
+
+
+def dispatch(args: argparse.Namespace) -> int:
     if os.geteuid() != 0 and args.lab_command != "probe":
         return _fail("the lab needs root (network namespaces, charon, qemu)")
-    assert opts is None or isinstance(opts, LabOptions)
     try:
         if args.lab_command == "probe":
             cap = capability.probe()
             print(cap.describe())
-            print("the lab runs " + ("directly on this kernel" if cap.can_run_lab
-                                     else "in the lab VM (qemu)"))
-            return 0
-        if args.lab_command == "run":
-            assert opts is not None
-            return runner.run_script(opts, args.script, args.args, kernel=args.kernel,
-                                     here=args.here)
-        if args.lab_command == "demo":
-            assert opts is not None
-            return runner.demo(opts, kernel=args.kernel, here=args.here)
-        if args.lab_command == "up":
-            assert opts is not None
-            placement = runner.place(here=args.here, libipsec=opts.libipsec)
-            if placement.where != "here":
-                return _fail(f"{placement.reason}; `lab up` keeps a lab running on this kernel "
-                             "only: use `lab run SCRIPT` or `lab demo`, which boot the VM")
-            topo = runner.up_here(opts)
-            print(f"lab {topo.prefix} is up; `forecast-bpf lab shell {topo.prefix}` for a shell "
-                  f"on the gateway, `forecast-bpf lab down {topo.prefix}` to remove it")
+            where = "directly on this kernel" if cap.can_run_lab else "in the lab VM (qemu)"
+            print(f"the lab runs {where}")
             return 0
         if args.lab_command == "down":
             for prefix in runner.down_here(args.prefix):
@@ -50,6 +44,29 @@ def dispatch(args: argparse.Namespace, opts: object) -> int:
             return 0
         if args.lab_command == "shell":
             return runner.shell_here(args.prefix)
+        opts = lab_options(args)
+        unknown = opts.no_broadcast - {f"c{i}" for i in range(1, opts.clients + 1)}
+        if unknown:
+            return _fail(f"--no-broadcast names no client of this lab: {sorted(unknown)}")
+        if args.lab_command == "run":
+            return runner.run_script(
+                opts, args.script, args.args, kernel=args.kernel, here=args.here
+            )
+        if args.lab_command == "demo":
+            return runner.demo(opts, kernel=args.kernel, here=args.here)
+        if args.lab_command == "up":
+            placement = runner.place(here=args.here, libipsec=opts.libipsec)
+            if placement.where != "here":
+                return _fail(
+                    f"{placement.reason}; `lab up` keeps a lab running on this kernel "
+                    "only: use `lab run SCRIPT` or `lab demo`, which boot the VM"
+                )
+            topo = runner.up_here(opts)
+            print(
+                f"lab {topo.prefix} is up; `forecast-bpf lab shell {topo.prefix}` for a shell "
+                f"on the gateway, `forecast-bpf lab down {topo.prefix}` to remove it"
+            )
+            return 0
     except (LabVMError, FileNotFoundError, ValueError, RuntimeError) as exc:
         return _fail(str(exc))
     return _fail(f"unknown lab command {args.lab_command}")

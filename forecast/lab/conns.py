@@ -7,7 +7,7 @@ per SA. The gateway modes add what each forwarder needs on top.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 IKE_PROPOSAL = "aes128-sha256-x25519"  # Debian's charon has no gcm/openssl plugin
@@ -15,17 +15,33 @@ ESP_PROPOSAL = "aes128-sha256"
 PSK = "forecast-lab-preshared-key"
 GATEWAY_CONN = "rw"
 GATEWAY_CHILD = "rw"
+# Child config name for clients that must not get the LAN's directed broadcast (a separate
+# name also lets `reinject` tell the two groups apart).
+GATEWAY_CHILD_NO_BROADCAST = "rw-nobcast"
 CLIENT_CONN = "gw"
 CLIENT_CHILD = "gw"
 POOL_NAME = "rw-pool"
 
-BASE_PLUGINS = (
-    "random nonce aes sha1 sha2 hmac kdf curve25519 pem pkcs1 x509 revocation constraints "
-    "pubkey attr"
-).split()
+BASE_PLUGINS = [
+    "random",
+    "nonce",
+    "aes",
+    "sha1",
+    "sha2",
+    "hmac",
+    "kdf",
+    "curve25519",
+    "pem",
+    "pkcs1",
+    "x509",
+    "revocation",
+    "constraints",
+    "pubkey",
+    "attr",
+]
 
 
-class GatewayMode(str, Enum):
+class GatewayMode(StrEnum):
     SEED = "seed"  # the seed's config alone: marks, no forwarder
     FORECAST_BPF = "forecast-bpf"  # + if_id_in/out and set_mark_in = %same (datapath.md)
     REFERENCE_PLUGIN = "reference-plugin"  # + strongSwan's own forecast plugin
@@ -40,42 +56,67 @@ def charon_plugins(*, gateway: bool, mode: GatewayMode, libipsec: bool) -> list[
     return [*BASE_PLUGINS, *kernel, "socket-default", "vici", *extra]
 
 
-def gateway_conn(*, wan_addr: str, lan_net: str, lan_broadcast: str, mode: GatewayMode,
-                 if_id: int) -> dict[str, Any]:
-    child: dict[str, Any] = {
-        "local_ts": [lan_net, "224.0.0.0/4"],
-        "remote_ts": ["dynamic", "224.0.0.0/4", lan_broadcast],
-        "mark_in": "%unique",
-        "mark_out": "%unique",
-        "esp_proposals": [ESP_PROPOSAL],
-    }
-    if mode is GatewayMode.FORECAST_BPF:
-        child |= {"if_id_in": str(if_id), "if_id_out": str(if_id), "set_mark_in": "%same"}
-    return {
-        GATEWAY_CONN: {
+def client_id(name: str) -> str:
+    return f"{name}@forecast.lab"
+
+
+def gateway_conn(
+    *,
+    wan_addr: str,
+    lan_net: str,
+    lan_broadcast: str,
+    mode: GatewayMode,
+    if_id: int,
+    no_broadcast: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """The gateway's connections: `rw` for everyone, plus one per client in `no_broadcast`
+    whose child lacks the broadcast TS. A client proposes 0.0.0.0/0 for `dynamic` before it
+    knows its virtual IP, so only the gateway can narrow the broadcast away."""
+
+    def child(remote_ts: list[str]) -> dict[str, Any]:
+        c: dict[str, Any] = {
+            "local_ts": [lan_net, "224.0.0.0/4"],
+            "remote_ts": remote_ts,
+            "mark_in": "%unique",
+            "mark_out": "%unique",
+            "esp_proposals": [ESP_PROPOSAL],
+        }
+        if mode is GatewayMode.FORECAST_BPF:
+            c |= {"if_id_in": str(if_id), "if_id_out": str(if_id), "set_mark_in": "%same"}
+        return c
+
+    def conn(remote_id: str | None, children: dict[str, Any]) -> dict[str, Any]:
+        return {
             "version": "2",
             "local_addrs": [wan_addr],
             "proposals": [IKE_PROPOSAL],
             "pools": [POOL_NAME],
             "local": {"auth": "psk", "id": "gw@forecast.lab"},
-            "remote": {"auth": "psk"},
-            "children": {GATEWAY_CHILD: child},
+            "remote": {"auth": "psk", **({"id": remote_id} if remote_id else {})},
+            "children": children,
         }
+
+    conns = {
+        GATEWAY_CONN: conn(None, {GATEWAY_CHILD: child(["dynamic", "224.0.0.0/4", lan_broadcast])})
     }
+    for name in sorted(no_broadcast):
+        conns[f"{GATEWAY_CONN}-{name}"] = conn(
+            client_id(name), {GATEWAY_CHILD_NO_BROADCAST: child(["dynamic", "224.0.0.0/4"])}
+        )
+    return conns
 
 
-def client_conn(*, name: str, gateway_addr: str, lan_net: str, lan_broadcast: str | None
-                ) -> dict[str, Any]:
-    """A road warrior. `lan_broadcast` None: the client does not negotiate the directed broadcast
-    (libipsec rejects a non-local broadcast TS on the client, and it tests narrowing)."""
-    local_ts = ["dynamic", "224.0.0.0/4", *([lan_broadcast] if lan_broadcast else [])]
+def client_conn(*, name: str, gateway_addr: str, lan_net: str) -> dict[str, Any]:
+    """A road warrior. Its `dynamic` covers whatever the gateway narrows to (broadcast
+    included); naming the broadcast here would make libipsec clients fail (lab.md)."""
+    local_ts = ["dynamic", "224.0.0.0/4"]
     return {
         CLIENT_CONN: {
             "version": "2",
             "remote_addrs": [gateway_addr],
             "vips": ["0.0.0.0"],
             "proposals": [IKE_PROPOSAL],
-            "local": {"auth": "psk", "id": f"{name}@forecast.lab"},
+            "local": {"auth": "psk", "id": client_id(name)},
             "remote": {"auth": "psk", "id": "gw@forecast.lab"},
             "children": {
                 CLIENT_CHILD: {

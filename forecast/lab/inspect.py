@@ -37,5 +37,7 @@ def child_sas(vici_socket: str) -> list[dict[str, str]]:
 
 def esp_packets(vici_socket: str) -> dict[str, tuple[int, int]]:
     """CHILD_SA unique id → (packets in, packets out), as the kernel's SA counters report."""
-    return {c["uniqueid"]: (int(c.get("packets-in", 0)), int(c.get("packets-out", 0)))
-            for c in child_sas(vici_socket)}
+    return {
+        c["uniqueid"]: (int(c.get("packets-in", 0)), int(c.get("packets-out", 0)))
+        for c in child_sas(vici_socket)
+    }

@@ -39,8 +39,9 @@ class Lab:
     def __init__(self, options: LabOptions, log: Any = None) -> None:
         self.options = options
         self.log = log or sys.stderr
-        self.topology = Topology.plan(options.prefix or netns.unique_prefix("fclab"),
-                                      options.clients)
+        self.topology = Topology.plan(
+            options.prefix or netns.unique_prefix("fclab"), options.clients
+        )
         self.workdir = Path(tempfile.mkdtemp(prefix=f"forecast-{self.topology.prefix}-"))
         self.charons: dict[str, CharonInstance] = {}
         self.timings: dict[str, float] = {}
@@ -64,8 +65,12 @@ class Lab:
         t0 = time.monotonic()
         topo, opts = self.topology, self.options
         topo.build()
-        topo.extra = {"gateway_mode": opts.mode.value, "if_id": str(opts.if_id),
-                      "kernel": platform.release(), "esp": "libipsec" if opts.libipsec else "kernel"}
+        topo.extra = {
+            "gateway_mode": opts.mode.value,
+            "if_id": str(opts.if_id),
+            "kernel": platform.release(),
+            "esp": "libipsec" if opts.libipsec else "kernel",
+        }
         self.timings["topology_s"] = time.monotonic() - t0
         self._say(f"topology {topo.prefix}: gateway, {len(topo.clients)} clients, LAN host")
 
@@ -76,7 +81,9 @@ class Lab:
         hosts = [(topo.gateway, True), *((c, False) for c in topo.clients)]
         for host, is_gw in hosts:
             instance = CharonInstance(
-                host.name, host.netns, self.workdir / host.name,
+                host.name,
+                host.netns,
+                self.workdir / host.name,
                 conns.charon_plugins(gateway=is_gw, mode=opts.mode, libipsec=opts.libipsec),
                 gw_opts if is_gw else None,
             )
@@ -87,20 +94,28 @@ class Lab:
         self.timings["charons_s"] = time.monotonic() - t1
 
         self.charons["gw"].load(
-            conns=conns.gateway_conn(wan_addr=topo.gateway.wan_addr, lan_net=topo.lan_net,
-                                     lan_broadcast=topo.lan_broadcast, mode=opts.mode,
-                                     if_id=opts.if_id),
-            secrets=[conns.shared_secret()], pools=conns.pool(topo.vip_pool))
+            conns=conns.gateway_conn(
+                wan_addr=topo.gateway.wan_addr,
+                lan_net=topo.lan_net,
+                lan_broadcast=topo.lan_broadcast,
+                mode=opts.mode,
+                if_id=opts.if_id,
+                no_broadcast=opts.no_broadcast,
+            ),
+            secrets=[conns.shared_secret()],
+            pools=conns.pool(topo.vip_pool),
+        )
         for client in topo.clients:
-            # libipsec refuses a non-local broadcast TS on the client (lab.md).
-            bcast = None if (opts.libipsec or client.name in opts.no_broadcast) \
-                else topo.lan_broadcast
             self.charons[client.name].load(
-                conns=conns.client_conn(name=client.name, gateway_addr=topo.gateway.wan_addr,
-                                        lan_net=topo.lan_net, lan_broadcast=bcast),
-                secrets=[conns.shared_secret()])
-        self._say(f"charons up ({opts.mode.value} gateway"
-                  f"{', libipsec ESP' if opts.libipsec else ', kernel ESP'})")
+                conns=conns.client_conn(
+                    name=client.name, gateway_addr=topo.gateway.wan_addr, lan_net=topo.lan_net
+                ),
+                secrets=[conns.shared_secret()],
+            )
+        self._say(
+            f"charons up ({opts.mode.value} gateway"
+            f"{', libipsec ESP' if opts.libipsec else ', kernel ESP'})"
+        )
         if opts.connect:
             self.connect_all()
         (self.workdir / "topology.json").write_text(topo.to_json())
@@ -128,8 +143,7 @@ class Lab:
         return inspect.child_sas(str(self.charons[host].vici_socket))
 
     # -- scripts ----------------------------------------------------------------------------
-    def run_script(self, script: str, args: list[str] | None = None,
-                   timeout: float = 1800) -> int:
+    def run_script(self, script: str, args: list[str] | None = None, timeout: float = 1800) -> int:
         """Run SCRIPT inside the gateway's namespace with the topology in its environment."""
         path = Path(script)
         if not path.exists():
@@ -140,10 +154,17 @@ class Lab:
             argv = [sys.executable, str(path.resolve())]
         else:
             argv = ["sh", str(path.resolve())]
-        env = {**os.environ, **self.topology.environment(self.workdir / "topology.json"),
-               "PYTHON": sys.executable}
-        proc = subprocess.run(["ip", "netns", "exec", self.topology.gateway.netns, *argv,
-                               *(args or [])], env=env, timeout=timeout, check=False)
+        env = {
+            **os.environ,
+            **self.topology.environment(self.workdir / "topology.json"),
+            "PYTHON": sys.executable,
+        }
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.topology.gateway.netns, *argv, *(args or [])],
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
         return proc.returncode
 
     # -- teardown ---------------------------------------------------------------------------

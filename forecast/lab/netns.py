@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import subprocess
@@ -19,16 +20,22 @@ def unique_prefix(base: str = "fc") -> str:
     return f"{base}{secrets.token_hex(3)}"
 
 
-def run(argv: Sequence[str], *, netns: str | None = None, check: bool = True,
-        timeout: float = 60, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str],
+    *,
+    netns: str | None = None,
+    check: bool = True,
+    timeout: float = 60,
+    input_text: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run argv (inside `netns` when given); raise CommandError naming the command on failure."""
     full = [*(["ip", "netns", "exec", netns] if netns else []), *argv]
-    proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, input=input_text,
-                          check=False)
+    proc = subprocess.run(
+        full, capture_output=True, text=True, timeout=timeout, input=input_text, check=False
+    )
     if check and proc.returncode != 0:
-        raise CommandError(
-            f"{' '.join(full)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}"
-        )
+        why = proc.stderr.strip() or proc.stdout.strip()
+        raise CommandError(f"{' '.join(full)} exited {proc.returncode}: {why}")
     return proc
 
 
@@ -47,10 +54,8 @@ def delete(name: str) -> None:
         return
     pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), 9)
-        except (ProcessLookupError, ValueError):
-            pass
     run(["ip", "netns", "del", name], check=False)
 
 

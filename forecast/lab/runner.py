@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from forecast.lab import capability, checks
+from forecast.lab import capability, checks, netns
 from forecast.lab.lab import Lab, LabOptions
 from forecast.lab.topology import Topology
 from forecast.lab.vm import LabVM
@@ -38,13 +40,32 @@ def place(*, here: bool, libipsec: bool) -> Placement:
 
 def guest_command(sub: str, opts: LabOptions, extra: list[str]) -> list[str]:
     """The same lab command, to run inside the VM on its own (capable) kernel."""
-    argv = [sys.executable, "-m", "forecast", "lab", sub, "--here", "--clients", str(opts.clients),
-            "--gateway-mode", opts.mode.value, "--if-id", str(opts.if_id)]
+    argv = [
+        sys.executable,
+        "-m",
+        "forecast",
+        "lab",
+        sub,
+        "--here",
+        "--clients",
+        str(opts.clients),
+        "--gateway-mode",
+        opts.mode.value,
+        "--if-id",
+        str(opts.if_id),
+    ]
     return argv + extra
 
 
-def run_script(opts: LabOptions, script: str, args: list[str], *, kernel: str, here: bool,
-               log: IO[str] = sys.stderr) -> int:
+def run_script(
+    opts: LabOptions,
+    script: str,
+    args: list[str],
+    *,
+    kernel: str,
+    here: bool,
+    log: IO[str] = sys.stderr,
+) -> int:
     placement = place(here=here, libipsec=opts.libipsec)
     print(f"lab: {placement.reason}", file=log, flush=True)
     if placement.where == "here":
@@ -67,9 +88,12 @@ def demo(opts: LabOptions, *, kernel: str, here: bool, out: IO[str] = sys.stdout
     with Lab(opts, log=out) as lab:
         print("\nCHILD_SAs on the gateway:", file=out)
         for c in lab.child_sas("gw"):
-            print(f"  {c['ike']}/{c['name']} #{c['uniqueid']}  {c['remote-id']}  vip "
-                  f"{c['remote-vips']}  mark {c.get('mark-in', '-')}  spi-in {c['spi-in']}  "
-                  f"ts {c['remote-ts']}", file=out)
+            print(
+                f"  {c['ike']}/{c['name']} #{c['uniqueid']}  {c['remote-id']}  vip "
+                f"{c['remote-vips']}  mark {c.get('mark-in', '-')}  spi-in {c['spi-in']}  "
+                f"ts {c['remote-ts']}",
+                file=out,
+            )
         print(f"\nscenario ({opts.mode.value} gateway, kernel {os.uname().release}):", file=out)
         results = checks.reference_scenario(lab.topology)
         for r in results:
@@ -103,10 +127,6 @@ def running_labs() -> list[Path]:
 
 def down_here(prefix: str | None) -> list[str]:
     """Tear down the named lab (or every lab this machine has up); returns their prefixes."""
-    import shutil
-
-    from forecast.lab import netns
-
     paths = [state_path(prefix)] if prefix else running_labs()
     done = []
     for path in paths:
@@ -126,8 +146,6 @@ def down_here(prefix: str | None) -> list[str]:
 
 def shell_here(prefix: str | None) -> int:
     """An interactive shell in the gateway's namespace with the topology in its environment."""
-    import subprocess
-
     paths = [state_path(prefix)] if prefix else running_labs()
     if not paths or not paths[0].exists():
         raise FileNotFoundError("no lab is up: start one with `forecast-bpf lab up`")

@@ -57,15 +57,21 @@ class Topology:
             prefix=prefix,
             gateway=Host("gw", f"{prefix}-gw", GW_WAN_ADDR, GW_LAN_ADDR),
             lan_host=Host("lan", f"{prefix}-lan", lan_addr=LAN_HOST_ADDR),
-            clients=[Host(f"c{i}", f"{prefix}-c{i}", f"192.168.0.{100 + i}")
-                     for i in range(1, clients + 1)],
+            clients=[
+                Host(f"c{i}", f"{prefix}-c{i}", f"192.168.0.{100 + i}")
+                for i in range(1, clients + 1)
+            ],
             switch_netns=f"{prefix}-sw",
         )
 
     @property
     def namespaces(self) -> list[str]:
-        return [self.switch_netns, self.gateway.netns, self.lan_host.netns,
-                *(c.netns for c in self.clients)]
+        return [
+            self.switch_netns,
+            self.gateway.netns,
+            self.lan_host.netns,
+            *(c.netns for c in self.clients),
+        ]
 
     def host(self, name: str) -> Host:
         for h in (self.gateway, self.lan_host, *self.clients):
@@ -89,26 +95,75 @@ class Topology:
         netns.run(["ip", "link", "set", "br0", "up"], netns=sw)
         for host in (self.gateway, *self.clients):
             port = f"p-{host.name}"
-            netns.run(["ip", "link", "add", port, "netns", sw, "type", "veth", "peer", "name",
-                       "eth0", "netns", host.netns])
+            netns.run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    port,
+                    "netns",
+                    sw,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    host.netns,
+                ]
+            )
             netns.run(["ip", "link", "set", port, "master", "br0", "up"], netns=sw)
             self._address(host.netns, "eth0", f"{host.wan_addr}/{WAN_PREFIXLEN}")
         gw, lan = self.gateway.netns, self.lan_host.netns
-        netns.run(["ip", "link", "add", self.gw_lan_if, "netns", gw, "type", "veth", "peer",
-                   "name", "eth0", "netns", lan])
+        netns.run(
+            [
+                "ip",
+                "link",
+                "add",
+                self.gw_lan_if,
+                "netns",
+                gw,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                lan,
+            ]
+        )
         plen = self.lan_net.split("/")[1]
         self._address(gw, self.gw_lan_if, f"{self.gateway.lan_addr}/{plen}")
         self._address(lan, "eth0", f"{self.lan_host.lan_addr}/{plen}")
         netns.run(["ip", "route", "add", "default", "via", self.gateway.lan_addr], netns=lan)
         netns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], netns=gw)
         for ns in self.namespaces:
-            netns.run(["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0",
-                       "net.ipv4.conf.default.rp_filter=0"], netns=ns)
+            netns.run(
+                [
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ],
+                netns=ns,
+            )
         for client in self.clients:
             # Clients hold a /32 virtual IP: without this local broadcast route the LAN's
             # directed broadcast would never be delivered to them (lab.md).
-            netns.run(["ip", "route", "add", "broadcast", self.lan_broadcast, "dev", "eth0",
-                       "table", "local"], netns=client.netns)
+            netns.run(
+                [
+                    "ip",
+                    "route",
+                    "add",
+                    "broadcast",
+                    self.lan_broadcast,
+                    "dev",
+                    "eth0",
+                    "table",
+                    "local",
+                ],
+                netns=client.netns,
+            )
 
     def _address(self, ns: str, ifname: str, cidr: str) -> None:
         netns.run(["ip", "addr", "add", cidr, "brd", "+", "dev", ifname], netns=ns)

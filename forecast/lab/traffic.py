@@ -58,8 +58,9 @@ def receive_main(args: argparse.Namespace) -> int:
     for group in args.group:
         # ip_mreqn: join on the named interface (on a client that is the WAN device the
         # decrypted packets arrive on).
-        mreq = struct.pack("4s4si", socket.inet_aton(group), socket.inet_aton("0.0.0.0"),
-                           _ifindex(args.iface))
+        mreq = struct.pack(
+            "4s4si", socket.inet_aton(group), socket.inet_aton("0.0.0.0"), _ifindex(args.iface)
+        )
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
     stop = False
 
@@ -99,8 +100,12 @@ def send_main(args: argparse.Namespace) -> int:
         # A client must send from its virtual IP, or its outbound policy does not match.
         sock.bind((args.src, 0))
     if args.iface:
-        mreqn = struct.pack("4s4si", socket.inet_aton("0.0.0.0"),
-                            socket.inet_aton(args.src or "0.0.0.0"), _ifindex(args.iface))
+        mreqn = struct.pack(
+            "4s4si",
+            socket.inet_aton("0.0.0.0"),
+            socket.inet_aton(args.src or "0.0.0.0"),
+            _ifindex(args.iface),
+        )
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
     for seq in range(args.count):
         sock.sendto(f"{args.tag} {seq}".encode() + b"." * args.pad, (args.dst, args.port))
@@ -135,15 +140,31 @@ def main(argv: list[str] | None = None) -> int:
 class Receiver:
     """A receiver in a namespace; `stop()` returns what it counted."""
 
-    def __init__(self, netns: str, port: int, groups: list[str], iface: str = "eth0",
-                 seconds: float = 60.0) -> None:
-        argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "forecast.lab.traffic",
-                "recv", "--port", str(port), "--iface", iface, "--seconds", str(seconds)]
+    def __init__(
+        self, netns: str, port: int, groups: list[str], iface: str = "eth0", seconds: float = 60.0
+    ) -> None:
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            sys.executable,
+            "-m",
+            "forecast.lab.traffic",
+            "recv",
+            "--port",
+            str(port),
+            "--iface",
+            iface,
+            "--seconds",
+            str(seconds),
+        ]
         for g in groups:
             argv += ["--group", g]
         self.netns = netns
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
         if line != "READY":
@@ -160,11 +181,40 @@ class Receiver:
         return Received(Counter(data["counts"]), data["sources"])
 
 
-def send(netns: str, dst: str, port: int, tag: str, count: int = 10, *, src: str | None = None,
-         iface: str | None = None, ttl: int = 1, pad: int = 0) -> None:
-    argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "forecast.lab.traffic", "send",
-            "--dst", dst, "--port", str(port), "--tag", tag, "--count", str(count),
-            "--ttl", str(ttl), "--pad", str(pad)]
+def send(
+    netns: str,
+    dst: str,
+    port: int,
+    tag: str,
+    count: int = 10,
+    *,
+    src: str | None = None,
+    iface: str | None = None,
+    ttl: int = 1,
+    pad: int = 0,
+) -> None:
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        sys.executable,
+        "-m",
+        "forecast.lab.traffic",
+        "send",
+        "--dst",
+        dst,
+        "--port",
+        str(port),
+        "--tag",
+        tag,
+        "--count",
+        str(count),
+        "--ttl",
+        str(ttl),
+        "--pad",
+        str(pad),
+    ]
     if src:
         argv += ["--src", src]
     if iface:
@@ -175,8 +225,21 @@ def send(netns: str, dst: str, port: int, tag: str, count: int = 10, *, src: str
 
 
 def ping(netns: str, dst: str, count: int = 3, src: str | None = None) -> bool:
-    argv = ["ip", "netns", "exec", netns, "ping", "-c", str(count), "-i", "0.2", "-W", "2",
-            *(["-I", src] if src else []), dst]
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        "ping",
+        "-c",
+        str(count),
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        *(["-I", src] if src else []),
+        dst,
+    ]
     return subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0
 
 

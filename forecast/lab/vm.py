@@ -139,12 +139,21 @@ def build_initramfs(kernel: GuestKernel) -> Path:
         (root / "modules.order").write_text("\n".join(names) + "\n")
         os.mknod(root / "dev/console", 0o600 | 0o020000, os.makedev(5, 1))
         files = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True, check=True)
-        cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--owner=0:0", "--quiet"], cwd=root,
-                              input=files.stdout.encode(), capture_output=True, check=True)
+        cpio = subprocess.run(
+            ["cpio", "-o", "-H", "newc", "--owner=0:0", "--quiet"],
+            cwd=root,
+            input=files.stdout.encode(),
+            capture_output=True,
+            check=True,
+        )
         tmp_out = out.with_suffix(".tmp")
         tmp_out.write_bytes(cpio.stdout)
         os.replace(tmp_out, out)
     return out
+
+
+def _guest_private(path: Path) -> bool:
+    return any(path.resolve().is_relative_to(d) for d in GUEST_PRIVATE_DIRS)
 
 
 @dataclass
@@ -164,8 +173,14 @@ def _kvm_usable() -> bool:
 class LabVM:
     """One booted guest. Use as a context manager; `run()` executes a command inside."""
 
-    def __init__(self, kernel_line: str = "6.1", *, memory_mb: int = 3072, cpus: int = 2,
-                 log: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        kernel_line: str = "6.1",
+        *,
+        memory_mb: int = 3072,
+        cpus: int = 2,
+        log: IO[str] | None = None,
+    ) -> None:
         self.kernel = GuestKernel.resolve(kernel_line)
         self.memory_mb = memory_mb
         self.cpus = cpus
@@ -189,19 +204,54 @@ class LabVM:
 
     def _qemu_argv(self, initramfs: Path, accel: str) -> list[str]:
         stage2 = GUEST_DIR / "stage2.sh"
+        append = f"console=ttyS0 panic=-1 quiet forecast.stage2={stage2}"
+        repo_share: list[str] = []
+        if _guest_private(REPO_DIR):
+            # A checkout under /tmp or /root is hidden by the guest's own tmpfs there: share it
+            # at the same path, so the venv's absolute paths hold inside too.
+            append += f" forecast.repo={REPO_DIR}"
+            repo_share = [
+                "-fsdev",
+                f"local,id=repo,path={REPO_DIR},security_model=none,readonly=on,multidevs=remap",
+                "-device",
+                "virtio-9p-pci,fsdev=repo,mount_tag=repo",
+            ]
         return [
-            "qemu-system-x86_64", "-machine", f"q35,accel={accel}",
-            "-cpu", "host" if accel == "kvm" else "max",
-            "-smp", str(self.cpus), "-m", str(self.memory_mb),
-            "-kernel", str(self.kernel.image), "-initrd", str(initramfs),
-            "-append", f"console=ttyS0 panic=-1 quiet forecast.stage2={stage2}",
-            "-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none",
-            "-serial", f"file:{self.share / 'console.log'}",
-            "-device", "virtio-rng-pci",
-            "-fsdev", "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
-            "-device", "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
-            "-fsdev", f"local,id=share,path={self.share},security_model=none,multidevs=remap",
-            "-device", "virtio-9p-pci,fsdev=share,mount_tag=share",
+            "qemu-system-x86_64",
+            "-machine",
+            f"q35,accel={accel}",
+            "-cpu",
+            "host" if accel == "kvm" else "max",
+            "-smp",
+            str(self.cpus),
+            "-m",
+            str(self.memory_mb),
+            "-kernel",
+            str(self.kernel.image),
+            "-initrd",
+            str(initramfs),
+            "-append",
+            append,
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-nic",
+            "none",
+            "-serial",
+            f"file:{self.share / 'console.log'}",
+            "-device",
+            "virtio-rng-pci",
+            "-fsdev",
+            "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
+            "-device",
+            "virtio-9p-pci,fsdev=hostroot,mount_tag=hostroot",
+            "-fsdev",
+            f"local,id=share,path={self.share},security_model=none,multidevs=remap",
+            "-device",
+            "virtio-9p-pci,fsdev=share,mount_tag=share",
+            *repo_share,
         ]
 
     def _write_guest_env(self) -> None:
@@ -221,8 +271,12 @@ class LabVM:
         for name in ("booted", "agent.ready", "agent.rc", "console.log"):
             (self.share / name).unlink(missing_ok=True)
         started = time.monotonic()
-        self.proc = subprocess.Popen(self._qemu_argv(initramfs, accel), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self._qemu_argv(initramfs, accel),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         while time.monotonic() - started < timeout:
             if (self.share / "agent.ready").exists():
                 self.boot_seconds = time.monotonic() - started
@@ -251,12 +305,16 @@ class LabVM:
             (CACHE_DIR / "kvm-broken").write_text("a stock kernel did not boot under KVM\n")
         for attempt in range(1, BOOT_ATTEMPTS + 1):
             if self._boot_once(initramfs, "tcg", BOOT_TIMEOUT_S):
-                self._say(f"booted {self.kernel.version} under qemu TCG in "
-                          f"{self.boot_seconds:.1f} s (attempt {attempt})")
+                self._say(
+                    f"booted {self.kernel.version} under qemu TCG in "
+                    f"{self.boot_seconds:.1f} s (attempt {attempt})"
+                )
                 return
             # About 1 boot in 40 dies early under TCG (kernel text patching): boot again.
-            self._say(f"guest did not reach its agent (attempt {attempt}); console tail:\n"
-                      + self.console_tail())
+            self._say(
+                f"guest did not reach its agent (attempt {attempt}); console tail:\n"
+                + self.console_tail()
+            )
         raise LabVMError(f"lab VM failed to boot {BOOT_ATTEMPTS} times; see console above")
 
     def console_tail(self, lines: int = 30) -> str:
@@ -287,7 +345,7 @@ class LabVM:
         """A path the guest can read for a host file: the guest has its own /tmp, /run and
         /root (tmpfs), so a file there is copied into the share first."""
         host_path = host_path.resolve()
-        if not any(host_path.is_relative_to(d) for d in GUEST_PRIVATE_DIRS):
+        if not _guest_private(host_path) or host_path.is_relative_to(REPO_DIR):
             return host_path
         scripts = self.share / "files"
         scripts.mkdir(exist_ok=True)
@@ -295,8 +353,14 @@ class LabVM:
         shutil.copy2(host_path, copy)
         return GUEST_SHARE / copy.relative_to(self.share)
 
-    def run(self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 600,
-            stream: IO[str] | None = None) -> JobResult:
+    def run(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        timeout: float = 600,
+        stream: IO[str] | None = None,
+    ) -> JobResult:
         """Run argv in the guest (root namespace); returns its exit code and combined output."""
         if self.proc is None or self.proc.poll() is not None:
             raise LabVMError("the lab VM is not running:\n" + self.console_tail())

@@ -18,8 +18,9 @@ NEEDED_TOOLS = ("ip", "iptables", "ethtool", "/usr/lib/ipsec/charon")
 @pytest.fixture(scope="session", autouse=True)
 def kernel_tier_can_run() -> None:
     if os.geteuid() != 0:
-        pytest.fail("kernel tier needs root (network namespaces, charon): run as root",
-                    pytrace=False)
+        pytest.fail(
+            "kernel tier needs root (network namespaces, charon): run as root", pytrace=False
+        )
     missing = [t for t in NEEDED_TOOLS if not shutil.which(t) and not os.path.exists(t)]
     if missing:
         pytest.fail(f"kernel tier is missing {missing}: run `make setup`", pytrace=False)

@@ -43,23 +43,39 @@ def test_three_clients_connect_with_unique_marks_and_pool_addresses(run_prefix: 
 
 
 def test_forecast_bpf_mode_installs_if_id_on_the_gateway(run_prefix: str) -> None:
-    opts = LabOptions(clients=1, libipsec=True, mode=GatewayMode.FORECAST_BPF, if_id=77,
-                      prefix=f"{run_prefix}b")
+    opts = LabOptions(
+        clients=1, libipsec=True, mode=GatewayMode.FORECAST_BPF, if_id=77, prefix=f"{run_prefix}b"
+    )
     with Lab(opts) as lab:
         child = lab.child_sas("gw")[0]
         assert int(child["if-id-in"], 16) == 77 and int(child["if-id-out"], 16) == 77
         assert child["mark-in"] != "00000000"
 
 
-def test_script_sees_the_topology_and_its_exit_code_is_returned(run_prefix: str,
-                                                              tmp_path: Path) -> None:
+def test_no_broadcast_client_is_narrowed_by_the_gateway(run_prefix: str) -> None:
+    opts = LabOptions(
+        clients=2, libipsec=True, no_broadcast=frozenset({"c2"}), prefix=f"{run_prefix}e"
+    )
+    with Lab(opts) as lab:
+        by_id = {c["remote-id"]: c for c in lab.child_sas("gw")}
+    assert "10.1.255.255/32" in by_id["c1@forecast.lab"]["remote-ts"]
+    assert by_id["c1@forecast.lab"]["name"] == "rw"
+    assert "10.1.255.255" not in by_id["c2@forecast.lab"]["remote-ts"]
+    assert by_id["c2@forecast.lab"]["name"] == "rw-nobcast"
+
+
+def test_script_sees_the_topology_and_its_exit_code_is_returned(
+    run_prefix: str, tmp_path: Path
+) -> None:
     script = tmp_path / "probe.sh"
     out = tmp_path / "seen.json"
-    script.write_text("#!/bin/sh\n"
-                      f'ip -j addr show dev eth1 > {out}.addr\n'
-                      f'cp "$FORECAST_LAB_TOPOLOGY" {out}\n'
-                      'test -S "$FORECAST_LAB_GW_VICI_SOCKET" || exit 9\n'
-                      'exit 3\n')
+    script.write_text(
+        "#!/bin/sh\n"
+        f"ip -j addr show dev eth1 > {out}.addr\n"
+        f'cp "$FORECAST_LAB_TOPOLOGY" {out}\n'
+        'test -S "$FORECAST_LAB_GW_VICI_SOCKET" || exit 9\n'
+        "exit 3\n"
+    )
     script.chmod(0o755)
     with Lab(LabOptions(clients=2, libipsec=True, prefix=f"{run_prefix}c")) as lab:
         rc = lab.run_script(str(script))
@@ -77,24 +93,32 @@ def test_failed_bring_up_leaves_nothing(run_prefix: str, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(conns, "BASE_PLUGINS", [*conns.BASE_PLUGINS, "no-such-plugin"])
     prefix = f"{run_prefix}d"
-    with pytest.raises(CharonError, match="plugin no-such-plugin is not installed"), \
-            Lab(LabOptions(clients=1, libipsec=True, prefix=prefix)):
+    with (
+        pytest.raises(CharonError, match="plugin no-such-plugin is not installed"),
+        Lab(LabOptions(clients=1, libipsec=True, prefix=prefix)),
+    ):
         pass
     assert not netns.list_with_prefix(prefix)
 
 
 def test_cli_up_shell_down(run_prefix: str) -> None:
     cli = [sys.executable, "-m", "forecast", "lab"]
-    up = subprocess.run([*cli, "up", "--libipsec", "--clients", "2"], capture_output=True,
-                        text=True, timeout=60)
+    up = subprocess.run(
+        [*cli, "up", "--libipsec", "--clients", "2"], capture_output=True, text=True, timeout=60
+    )
     assert up.returncode == 0, up.stderr
     prefix = up.stdout.split()[1]
     try:
         assert runner.state_path(prefix).exists()
         assert len(netns.list_with_prefix(prefix)) == 5  # sw, gw, lan, c1, c2
-        shell = subprocess.run([*cli, "shell", prefix], input="echo $FORECAST_LAB_CLIENTS; "
-                               "ip -br addr show eth1\n", capture_output=True, text=True,
-                               timeout=30, env={**os.environ, "SHELL": "/bin/sh"})
+        shell = subprocess.run(
+            [*cli, "shell", prefix],
+            input="echo $FORECAST_LAB_CLIENTS; ip -br addr show eth1\n",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "SHELL": "/bin/sh"},
+        )
         assert shell.returncode == 0, shell.stderr
         assert "c1 c2" in shell.stdout and "10.1.0.1/16" in shell.stdout
     finally:

@@ -3,6 +3,7 @@ check rests on, so it is tested against real sockets first."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,8 +17,23 @@ def pair(run_prefix: str) -> Iterator[tuple[str, str]]:
     netns.create(a)
     netns.create(b)
     try:
-        netns.run(["ip", "link", "add", "eth0", "netns", a, "type", "veth", "peer", "name",
-                   "eth0", "netns", b])
+        netns.run(
+            [
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                b,
+            ]
+        )
         for ns, addr in ((a, "10.9.0.1/24"), (b, "10.9.0.2/24")):
             netns.run(["ip", "addr", "add", addr, "brd", "+", "dev", "eth0"], netns=ns)
             netns.run(["ip", "link", "set", "eth0", "up"], netns=ns)
@@ -33,8 +49,6 @@ def test_multicast_and_broadcast_counted_exactly_once(pair: tuple[str, str]) -> 
     rx_a = traffic.Receiver(a, 1900, ["239.255.255.250"])
     traffic.send(a, "239.255.255.250", 1900, "mc", 25, iface="eth0")
     traffic.send(a, "10.9.0.255", 1900, "bc", 7)
-    import time
-
     time.sleep(0.5)
     got_b, got_a = rx_b.stop(), rx_a.stop()
     assert got_b.exactly_once("mc", 25)

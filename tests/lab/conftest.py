@@ -58,12 +58,14 @@ class LabRunner:
         rc, out = self.run(argv, timeout)
         seconds = time.monotonic() - t0
         self.timings.append((" ".join(args), seconds))
-        results = [json.loads(line.removeprefix("RESULT "))
-                   for line in out.splitlines() if line.startswith("RESULT ")]
+        results = [
+            json.loads(line.removeprefix("RESULT "))
+            for line in out.splitlines()
+            if line.startswith("RESULT ")
+        ]
         return ScenarioRun(rc, out, seconds, results)
 
-    def script(self, name: str, *lab_args: str, script_args: tuple[str, ...] = ()
-               ) -> ScenarioRun:
+    def script(self, name: str, *lab_args: str, script_args: tuple[str, ...] = ()) -> ScenarioRun:
         return self.lab("run", *lab_args, str(SCRIPTS / name), *script_args)
 
 
@@ -85,8 +87,10 @@ def _runner(kernel: str) -> Iterator[LabRunner]:
         # Nothing may outlive a scenario inside the guest either.
         rc, left = runner.run(["ip", "netns", "list"])
         vm.stop()
-        print(f"\nlab {kernel}: boot {vm.boot_seconds:.1f} s; scenarios: "
-              + ", ".join(f"{name or 'default'} {s:.1f} s" for name, s in runner.timings))
+        print(
+            f"\nlab {kernel}: boot {vm.boot_seconds:.1f} s; scenarios: "
+            + ", ".join(f"{name or 'default'} {s:.1f} s" for name, s in runner.timings)
+        )
         assert rc == 0 and not left.strip(), f"namespaces left in the lab guest: {left}"
 
 

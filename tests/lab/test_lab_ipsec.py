@@ -59,8 +59,9 @@ def test_demo_with_three_clients(lab: LabRunner) -> None:
 
 
 def test_forecast_bpf_mode_sets_if_id_and_inbound_mark(lab: LabRunner) -> None:
-    run = lab.script("gateway_xfrm.sh", "--gateway-mode", "forecast-bpf", "--if-id", "42",
-                     "--clients", "1")
+    run = lab.script(
+        "gateway_xfrm.sh", "--gateway-mode", "forecast-bpf", "--if-id", "42", "--clients", "1"
+    )
     assert run.rc == 0, run.output
     states = run.output.split("=== policies")[0]
     assert states.count("if_id 0x2a") == 2  # inbound and outbound SA
@@ -85,11 +86,16 @@ def test_operator_lab_run_boots_its_own_vm(tmp_path: Path) -> None:
     """What an operator types: the CLI decides where to run, boots the VM if needed, copies a
     script from a guest-private path, and returns the script's exit code."""
     script = tmp_path / "mine.sh"
-    script.write_text('#!/bin/sh\necho "clients=$FORECAST_LAB_CLIENTS kernel=$(uname -r)"\n'
-                      "exit 5\n")
+    script.write_text(
+        '#!/bin/sh\necho "clients=$FORECAST_LAB_CLIENTS kernel=$(uname -r)"\nexit 5\n'
+    )
     script.chmod(0o755)
-    proc = subprocess.run([sys.executable, "-m", "forecast", "lab", "run", "--clients", "1",
-                           str(script)], capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, "-m", "forecast", "lab", "run", "--clients", "1", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 5, proc.stdout + proc.stderr
     assert "clients=c1 kernel=" in proc.stdout
     assert re.search(r"lab: .*(running directly|booting the lab kernel)", proc.stderr)

@@ -25,11 +25,19 @@ def _apt(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_deb822_source_is_copied_with_its_keyring(tmp_path: Path) -> None:
-    apt = _apt(tmp_path, {"sources.list.d/debian.sources": (
-        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n"
-        "Components: main\n\n"
-        "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
-        "Components: main\nSigned-By: /usr/share/keyrings/k.gpg\n")})
+    apt = _apt(
+        tmp_path,
+        {
+            "sources.list.d/debian.sources": (
+                "Types: deb\nURIs: http://mirror.example/debian-security\n"
+                "Suites: bookworm-security\n"
+                "Components: main\n\n"
+                "Types: deb\nURIs: http://mirror.example/debian\n"
+                "Suites: bookworm bookworm-updates\n"
+                "Components: main\nSigned-By: /usr/share/keyrings/k.gpg\n"
+            )
+        },
+    )
     mod = _load()
     text = mod.render("bookworm", mod.find_release_source("bookworm", apt))
     assert "URIs: http://mirror.example/debian\n" in text
@@ -38,15 +46,23 @@ def test_deb822_source_is_copied_with_its_keyring(tmp_path: Path) -> None:
 
 
 def test_one_line_format_and_disabled_stanzas(tmp_path: Path) -> None:
-    apt = _apt(tmp_path, {
-        "sources.list.d/off.sources": ("Enabled: no\nTypes: deb\nURIs: http://off.example/\n"
-                                       "Suites: bookworm\nComponents: main\n"),
-        "sources.list": "# deb http://x.example/ bookworm main\n"
-                        "deb [signed-by=/k.gpg] http://one.example/debian bookworm main contrib\n",
-    })
+    apt = _apt(
+        tmp_path,
+        {
+            "sources.list.d/off.sources": (
+                "Enabled: no\nTypes: deb\nURIs: http://off.example/\n"
+                "Suites: bookworm\nComponents: main\n"
+            ),
+            "sources.list": "# deb http://x.example/ bookworm main\n"
+            "deb [signed-by=/k.gpg] http://one.example/debian bookworm main contrib\n",
+        },
+    )
     source = _load().find_release_source("bookworm", apt)
-    assert source == {"uris": "http://one.example/debian", "components": "main contrib",
-                      "signed-by": "/k.gpg"}
+    assert source == {
+        "uris": "http://one.example/debian",
+        "components": "main contrib",
+        "signed-by": "/k.gpg",
+    }
 
 
 def test_no_source_is_a_clear_failure(tmp_path: Path, capsys: object) -> None:

@@ -5,8 +5,13 @@ from forecast.lab.conns import GatewayMode
 
 
 def _child(mode: GatewayMode) -> dict[str, object]:
-    conn = conns.gateway_conn(wan_addr="192.168.0.1", lan_net="10.1.0.0/16",
-                              lan_broadcast="10.1.255.255", mode=mode, if_id=42)
+    conn = conns.gateway_conn(
+        wan_addr="192.168.0.1",
+        lan_net="10.1.0.0/16",
+        lan_broadcast="10.1.255.255",
+        mode=mode,
+        if_id=42,
+    )
     child: dict[str, object] = conn["rw"]["children"]["rw"]
     return child
 
@@ -29,11 +34,12 @@ def test_forecast_bpf_mode_adds_if_id_and_set_mark_in() -> None:
 def test_reference_plugin_is_loaded_only_on_the_gateway_in_its_mode() -> None:
     ref = conns.charon_plugins(gateway=True, mode=GatewayMode.REFERENCE_PLUGIN, libipsec=False)
     assert "forecast" in ref and "farp" in ref
-    assert "forecast" not in conns.charon_plugins(gateway=True, mode=GatewayMode.SEED,
-                                                  libipsec=False)
-    assert "forecast" not in conns.charon_plugins(gateway=False,
-                                                  mode=GatewayMode.REFERENCE_PLUGIN,
-                                                  libipsec=False)
+    assert "forecast" not in conns.charon_plugins(
+        gateway=True, mode=GatewayMode.SEED, libipsec=False
+    )
+    assert "forecast" not in conns.charon_plugins(
+        gateway=False, mode=GatewayMode.REFERENCE_PLUGIN, libipsec=False
+    )
 
 
 def test_libipsec_comes_before_kernel_netlink() -> None:
@@ -41,11 +47,25 @@ def test_libipsec_comes_before_kernel_netlink() -> None:
     assert plugins.index("kernel-libipsec") < plugins.index("kernel-netlink")
 
 
-def test_client_broadcast_ts_is_optional() -> None:
-    with_b = conns.client_conn(name="c1", gateway_addr="192.168.0.1", lan_net="10.1.0.0/16",
-                               lan_broadcast="10.1.255.255")
-    without = conns.client_conn(name="c2", gateway_addr="192.168.0.1", lan_net="10.1.0.0/16",
-                                lan_broadcast=None)
-    assert "10.1.255.255" in with_b["gw"]["children"]["gw"]["local_ts"]
-    assert without["gw"]["children"]["gw"]["local_ts"] == ["dynamic", "224.0.0.0/4"]
-    assert without["gw"]["local"]["id"] == "c2@forecast.lab"
+def test_no_broadcast_clients_get_their_own_narrower_gateway_conn() -> None:
+    all_conns = conns.gateway_conn(
+        wan_addr="192.168.0.1",
+        lan_net="10.1.0.0/16",
+        lan_broadcast="10.1.255.255",
+        mode=GatewayMode.FORECAST_BPF,
+        if_id=7,
+        no_broadcast=frozenset({"c2"}),
+    )
+    assert set(all_conns) == {"rw", "rw-c2"}
+    narrow = all_conns["rw-c2"]
+    assert narrow["remote"]["id"] == "c2@forecast.lab"
+    child = narrow["children"][conns.GATEWAY_CHILD_NO_BROADCAST]
+    assert child["remote_ts"] == ["dynamic", "224.0.0.0/4"]
+    assert child["if_id_in"] == "7" and child["mark_in"] == "%unique"
+    assert "id" not in all_conns["rw"]["remote"]  # everyone else
+
+
+def test_client_proposes_dynamic_and_multicast() -> None:
+    client = conns.client_conn(name="c2", gateway_addr="192.168.0.1", lan_net="10.1.0.0/16")
+    assert client["gw"]["children"]["gw"]["local_ts"] == ["dynamic", "224.0.0.0/4"]
+    assert client["gw"]["local"]["id"] == "c2@forecast.lab"

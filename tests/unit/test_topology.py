@@ -10,8 +10,7 @@ from forecast.lab.topology import Topology
 def test_plan_addresses_and_names() -> None:
     topo = Topology.plan("fcx", 3)
     assert [c.name for c in topo.clients] == ["c1", "c2", "c3"]
-    assert [c.wan_addr for c in topo.clients] == ["192.168.0.101", "192.168.0.102",
-                                                  "192.168.0.103"]
+    assert [c.wan_addr for c in topo.clients] == ["192.168.0.101", "192.168.0.102", "192.168.0.103"]
     assert topo.gateway.netns == "fcx-gw"
     assert all(ns.startswith("fcx-") for ns in topo.namespaces)
     assert len(set(topo.namespaces)) == len(topo.namespaces) == 6

@@ -22,8 +22,9 @@ def _modules_dir(tmp_path: Path) -> Path:
 
 
 def test_dependencies_load_first_once_each(tmp_path: Path) -> None:
-    order = vm._load_order(_modules_dir(tmp_path), ("virtio_pci", "virtio_rng", "9pnet_virtio",
-                                                    "9p"))
+    order = vm._load_order(
+        _modules_dir(tmp_path), ("virtio_pci", "virtio_rng", "9pnet_virtio", "9p")
+    )
     names = [Path(p).name for p in order]
     assert names.index("9pnet.ko.xz") < names.index("9pnet_virtio.ko.xz")
     assert names.index("netfs.ko.xz") < names.index("9p.ko.xz")
