@@ -106,10 +106,13 @@ def gateway_conn(
     return conns
 
 
-def client_conn(*, name: str, gateway_addr: str, lan_net: str) -> dict[str, Any]:
-    """A road warrior. Its `dynamic` covers whatever the gateway narrows to (broadcast
-    included); naming the broadcast here would make libipsec clients fail (lab.md)."""
-    local_ts = ["dynamic", "224.0.0.0/4"]
+def client_conn(
+    *, name: str, gateway_addr: str, lan_net: str, lan_broadcast: str | None
+) -> dict[str, Any]:
+    """A road warrior. The client narrows the gateway's reply against its own local_ts, so the
+    broadcast must be named here or its inbound policy drops the decrypted broadcast. None:
+    left out, for libipsec, which rejects a non-local broadcast TS on the client (lab.md)."""
+    local_ts = ["dynamic", "224.0.0.0/4", *([lan_broadcast] if lan_broadcast else [])]
     return {
         CLIENT_CONN: {
             "version": "2",

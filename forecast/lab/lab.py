@@ -108,7 +108,10 @@ class Lab:
         for client in topo.clients:
             self.charons[client.name].load(
                 conns=conns.client_conn(
-                    name=client.name, gateway_addr=topo.gateway.wan_addr, lan_net=topo.lan_net
+                    name=client.name,
+                    gateway_addr=topo.gateway.wan_addr,
+                    lan_net=topo.lan_net,
+                    lan_broadcast=None if opts.libipsec else topo.lan_broadcast,
                 ),
                 secrets=[conns.shared_secret()],
             )

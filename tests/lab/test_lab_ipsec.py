@@ -41,6 +41,23 @@ def test_reference_plugin_forwards_exactly_once(lab: LabRunner) -> None:
     assert c1["c1"]["received"] == 0  # never echoed to the origin
 
 
+def test_reference_plugin_sends_broadcast_only_where_negotiated(lab: LabRunner) -> None:
+    run = lab.script(
+        "broadcast_narrowing.py",
+        "--reference-plugin",
+        "--clients",
+        "2",
+        "--no-broadcast",
+        "c2",
+        script_args=("c2",),
+    )
+    assert run.rc == 0, run.output
+    bc = run.result("LAN -> 10.1.255.255")["detail"]
+    assert bc["c1"]["received"] == COUNT and bc["c2"]["received"] == 0
+    mc = run.result("LAN -> 239.255.255.250")["detail"]
+    assert mc["c1"]["received"] == mc["c2"]["received"] == COUNT
+
+
 def test_seed_gateway_without_a_forwarder_forwards_nothing(lab: LabRunner) -> None:
     # The same topology without the plugin: the scenario must fail, or the reference test above
     # could pass on something other than the plugin.

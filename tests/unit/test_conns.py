@@ -65,7 +65,17 @@ def test_no_broadcast_clients_get_their_own_narrower_gateway_conn() -> None:
     assert "id" not in all_conns["rw"]["remote"]  # everyone else
 
 
-def test_client_proposes_dynamic_and_multicast() -> None:
-    client = conns.client_conn(name="c2", gateway_addr="192.168.0.1", lan_net="10.1.0.0/16")
-    assert client["gw"]["children"]["gw"]["local_ts"] == ["dynamic", "224.0.0.0/4"]
-    assert client["gw"]["local"]["id"] == "c2@forecast.lab"
+def test_client_names_the_broadcast_unless_told_not_to() -> None:
+    with_b = conns.client_conn(
+        name="c1", gateway_addr="192.168.0.1", lan_net="10.1.0.0/16", lan_broadcast="10.1.255.255"
+    )
+    without = conns.client_conn(
+        name="c2", gateway_addr="192.168.0.1", lan_net="10.1.0.0/16", lan_broadcast=None
+    )
+    assert with_b["gw"]["children"]["gw"]["local_ts"] == [
+        "dynamic",
+        "224.0.0.0/4",
+        "10.1.255.255",
+    ]
+    assert without["gw"]["children"]["gw"]["local_ts"] == ["dynamic", "224.0.0.0/4"]
+    assert without["gw"]["local"]["id"] == "c2@forecast.lab"
