@@ -85,12 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("args", nargs=argparse.REMAINDER)
     demo = lab_sub.add_parser("demo", help="tunnels up, strongSwan's plugin scenario, results")
     _add_lab_topology_args(demo)
-    up = lab_sub.add_parser("up", help="bring a lab up on this kernel and leave it running")
+    up = lab_sub.add_parser("up", help="bring a lab up and leave it running (in the VM if needed)")
     _add_lab_topology_args(up)
     down = lab_sub.add_parser("down", help="tear down a lab brought up with `lab up`")
     down.add_argument("prefix", nargs="?", help="which lab (default: every lab that is up)")
     shell = lab_sub.add_parser("shell", help="a shell on the gateway of a running lab")
     shell.add_argument("prefix", nargs="?", help="which lab (default: the only one up)")
+    run_in = lab_sub.add_parser("exec", help="run a command on the gateway of a running lab")
+    run_in.add_argument("--lab", metavar="PREFIX", help="which lab (default: the only one up)")
+    run_in.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD")
     lab_sub.add_parser("probe", help="can this kernel run the lab directly?")
     return parser
 
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from forecast.lab import cli_lab
 
         return cli_lab.dispatch(args)
-    return 2
+    raise AssertionError(f"unhandled command {args.command!r}")
 
 
 if __name__ == "__main__":

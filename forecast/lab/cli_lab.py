@@ -39,11 +39,13 @@ def dispatch(args: argparse.Namespace) -> int:
             print(f"the lab runs {where}")
             return 0
         if args.lab_command == "down":
-            for prefix in runner.down_here(args.prefix):
+            for prefix in runner.down(args.prefix):
                 print(f"lab {prefix} is down")
             return 0
         if args.lab_command == "shell":
-            return runner.shell_here(args.prefix)
+            return runner.shell(args.prefix)
+        if args.lab_command == "exec":
+            return runner.execute(args.lab, args.argv)
         opts = lab_options(args)
         unknown = opts.no_broadcast - {f"c{i}" for i in range(1, opts.clients + 1)}
         if unknown:
@@ -55,16 +57,11 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.lab_command == "demo":
             return runner.demo(opts, kernel=args.kernel, here=args.here)
         if args.lab_command == "up":
-            placement = runner.place(here=args.here, libipsec=opts.libipsec)
-            if placement.where != "here":
-                return _fail(
-                    f"{placement.reason}; `lab up` keeps a lab running on this kernel "
-                    "only: use `lab run SCRIPT` or `lab demo`, which boot the VM"
-                )
-            topo = runner.up_here(opts)
+            prefix = runner.up(opts, kernel=args.kernel, here=args.here)
             print(
-                f"lab {topo.prefix} is up; `forecast-bpf lab shell {topo.prefix}` for a shell "
-                f"on the gateway, `forecast-bpf lab down {topo.prefix}` to remove it"
+                f"lab {prefix} is up; `forecast-bpf lab shell {prefix}` for a shell on the "
+                f"gateway, `forecast-bpf lab exec --lab {prefix} CMD` to run a command there, "
+                f"`forecast-bpf lab down {prefix}` to remove it"
             )
             return 0
     except (LabVMError, FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from forecast.lab import capability, checks, netns
 from forecast.lab.lab import Lab, LabOptions
 from forecast.lab.topology import Topology
-from forecast.lab.vm import LabVM
+from forecast.lab.vm import LabVM, LabVMError
 
 STATE_DIR = Path("/run/forecast-bpf")
+# Ends the guest's console shell session (guest/stage2.sh starts a new one at once).
+RESPAWN_CONSOLE_SHELL = (
+    "import os, signal; os.killpg(int(open('/run/forecast-lab-console.pid').read()), signal.SIGHUP)"
+)
 
 
 @dataclass(frozen=True)
@@ -103,58 +108,144 @@ def demo(opts: LabOptions, *, kernel: str, here: bool, out: IO[str] = sys.stdout
         return 0 if passed == len(results) else 1
 
 
-# -- lab up / down / shell on this kernel --------------------------------------------------
+# -- lab up / exec / shell / down: a lab that stays up --------------------------------------
+# The host keeps one state file per lab in STATE_DIR. A lab in the VM has a "vm" entry (the
+# detached qemu); inside the guest the same commands run with --here against the guest's own
+# state file.
 def state_path(prefix: str) -> Path:
     return STATE_DIR / f"lab-{prefix}.json"
-
-
-def up_here(opts: LabOptions, log: IO[str] = sys.stderr) -> Topology:
-    lab = Lab(opts, log=log)
-    try:
-        lab.up()
-    except BaseException:
-        lab.down()
-        raise
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    state = {"topology": json.loads(lab.topology.to_json()), "workdir": str(lab.workdir)}
-    state_path(lab.topology.prefix).write_text(json.dumps(state, indent=2))
-    return lab.topology
 
 
 def running_labs() -> list[Path]:
     return sorted(STATE_DIR.glob("lab-*.json"))
 
 
-def down_here(prefix: str | None) -> list[str]:
-    """Tear down the named lab (or every lab this machine has up); returns their prefixes."""
+def _load_state(prefix: str | None) -> tuple[Path, dict[str, Any]]:
+    if prefix:
+        path = state_path(prefix)
+        if not path.exists():
+            raise FileNotFoundError(f"no lab {prefix} is up (no {path})")
+    else:
+        paths = running_labs()
+        if not paths:
+            raise FileNotFoundError("no lab is up: start one with `forecast-bpf lab up`")
+        if len(paths) > 1:
+            names = ", ".join(p.stem.removeprefix("lab-") for p in paths)
+            raise ValueError(f"several labs are up ({names}): name one")
+        path = paths[0]
+    state: dict[str, Any] = json.loads(path.read_text())
+    return path, state
+
+
+def _here_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "forecast", "lab", *args]
+
+
+def up(opts: LabOptions, *, kernel: str, here: bool, log: IO[str] = sys.stderr) -> str:
+    """Bring a lab up and leave it running; returns its prefix."""
+    placement = place(here=here, libipsec=opts.libipsec)
+    print(f"lab: {placement.reason}", file=log, flush=True)
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    if placement.where == "here":
+        lab = Lab(opts, log=log)
+        try:
+            lab.up()
+        except BaseException:
+            lab.down()
+            raise
+        state = {"topology": json.loads(lab.topology.to_json()), "workdir": str(lab.workdir)}
+        state_path(lab.topology.prefix).write_text(json.dumps(state, indent=2))
+        return lab.topology.prefix
+    vm = LabVM(kernel, log=log)
+    vm.start()
+    try:
+        job = vm.run(guest_command("up", opts, []))
+        found = re.search(r"^lab (\S+) is up", job.output, re.M)
+        # The guest's progress, less its own "is up" line (the caller prints the host's).
+        log.write(job.output[: found.start()] if found else job.output)
+        if job.rc != 0 or not found:
+            raise RuntimeError(f"lab up inside the VM failed (exit {job.rc})")
+    except BaseException:
+        vm.stop()
+        raise
+    prefix = found.group(1)
+    state_path(prefix).write_text(json.dumps({"prefix": prefix, "vm": vm.detach()}, indent=2))
+    return prefix
+
+
+def down(prefix: str | None, log: IO[str] = sys.stderr) -> list[str]:
+    """Tear down the named lab (or every lab that is up); returns their prefixes."""
     paths = [state_path(prefix)] if prefix else running_labs()
     done = []
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"no lab {prefix} is up (no {path})")
         state = json.loads(path.read_text())
-        topo = Topology.from_json(json.dumps(state["topology"]))
-        topo.destroy()  # ends the charons too: they live in the namespaces
-        shutil.rmtree(state["workdir"], ignore_errors=True)
+        if "vm" in state:
+            name = state["prefix"]
+            try:
+                vm = LabVM.attach(state["vm"], log=log)
+            except LabVMError as exc:
+                print(f"lab: {exc}; removing its state", file=log)
+            else:
+                # The VM goes away as a whole; tearing the lab down first proves it can.
+                job = vm.run(_here_command("down", name))
+                vm.stop()
+                if job.rc != 0:
+                    raise RuntimeError(
+                        f"lab {name} did not come down cleanly in the VM:\n" + job.output
+                    )
+        else:
+            topo = Topology.from_json(json.dumps(state["topology"]))
+            name = topo.prefix
+            topo.destroy()  # ends the charons too: they live in the namespaces
+            shutil.rmtree(state["workdir"], ignore_errors=True)
+            left = netns.list_with_prefix(name)
+            if left:
+                raise RuntimeError(f"lab {name} left namespaces behind: {left}")
         path.unlink()
-        left = netns.list_with_prefix(topo.prefix)
-        if left:
-            raise RuntimeError(f"lab {topo.prefix} left namespaces behind: {left}")
-        done.append(topo.prefix)
+        done.append(name)
     return done
 
 
-def shell_here(prefix: str | None) -> int:
-    """An interactive shell in the gateway's namespace with the topology in its environment."""
-    paths = [state_path(prefix)] if prefix else running_labs()
-    if not paths or not paths[0].exists():
-        raise FileNotFoundError("no lab is up: start one with `forecast-bpf lab up`")
-    if len(paths) > 1:
-        names = ", ".join(p.stem.removeprefix("lab-") for p in paths)
-        raise ValueError(f"several labs are up ({names}): name one")
-    state = json.loads(paths[0].read_text())
+def _gateway_env(state: dict[str, Any]) -> tuple[Topology, dict[str, str]]:
     topo = Topology.from_json(json.dumps(state["topology"]))
     json_path = Path(state["workdir"]) / "topology.json"
-    env = {**os.environ, **topo.environment(json_path), "PS1": f"[lab {topo.prefix} gw] \\w# "}
-    shell = os.environ.get("SHELL", "/bin/bash")
-    return subprocess.call(["ip", "netns", "exec", topo.gateway.netns, shell], env=env)
+    return topo, {**os.environ, **topo.environment(json_path)}
+
+
+def execute(prefix: str | None, argv: list[str], log: IO[str] = sys.stdout) -> int:
+    """Run a command in the gateway's namespace of a running lab; returns its exit code."""
+    if not argv:
+        raise ValueError("lab exec needs a command to run")
+    _path, state = _load_state(prefix)
+    if "vm" in state:
+        vm = LabVM.attach(state["vm"], log=log)
+        job = vm.run(_here_command("exec", "--lab", state["prefix"], *argv), stream=log)
+        return job.rc
+    topo, env = _gateway_env(state)
+    return subprocess.call(["ip", "netns", "exec", topo.gateway.netns, *argv], env=env)
+
+
+def shell(prefix: str | None) -> int:
+    """An interactive shell on the gateway, the topology in its environment."""
+    _path, state = _load_state(prefix)
+    if "vm" in state:
+        vm = LabVM.attach(state["vm"])
+        # A fresh console shell, so it starts inside the lab (its session ends with it).
+        respawn = vm.run([sys.executable, "-c", RESPAWN_CONSOLE_SHELL], timeout=30)
+        if respawn.rc != 0:
+            raise RuntimeError(f"could not start a console shell in the VM: {respawn.output}")
+        print(
+            "lab: console of the lab VM, a shell on the gateway (press Enter for a prompt; "
+            "Ctrl-] leaves it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        local = "-,raw,echo=0,escape=0x1d" if sys.stdin.isatty() else "-"
+        return subprocess.call(["socat", local, f"UNIX-CONNECT:{vm.console_socket}"])
+    topo, env = _gateway_env(state)
+    env["PS1"] = f"[lab {topo.prefix} gw] \\w# "
+    return subprocess.call(
+        ["ip", "netns", "exec", topo.gateway.netns, os.environ.get("SHELL", "/bin/bash")], env=env
+    )

@@ -32,7 +32,7 @@ CACHE_DIR = Path(os.environ.get("FORECAST_LAB_CACHE", "/var/cache/forecast-bpf/l
 INITRAMFS_MODULES = ("virtio_pci", "virtio_rng", "9pnet_virtio", "9p", "overlay")
 # Loaded in stage 2 so a missing one is reported once, by name, instead of failing later.
 GUEST_MODULES = (
-    "esp4 xfrm_user xfrm_interface veth bridge tun sch_ingress cls_bpf "
+    "virtio_console esp4 xfrm_user xfrm_interface veth bridge tun sch_ingress cls_bpf "
     "iptable_mangle xt_mark xt_esp xt_policy xt_tcpudp nf_tables"
 )
 BOOT_TIMEOUT_S = 120.0
@@ -171,7 +171,10 @@ def _kvm_usable() -> bool:
 
 
 class LabVM:
-    """One booted guest. Use as a context manager; `run()` executes a command inside."""
+    """One booted guest. Use as a context manager; `run()` executes a command inside.
+
+    `detach()` leaves it running for later commands (`lab up`), which `attach()` to it by the
+    state `detach()` returned."""
 
     def __init__(
         self,
@@ -180,16 +183,27 @@ class LabVM:
         memory_mb: int = 3072,
         cpus: int = 2,
         log: IO[str] | None = None,
+        base: Path | None = None,
+        pid: int | None = None,
     ) -> None:
+        self.kernel_line = kernel_line
         self.kernel = GuestKernel.resolve(kernel_line)
         self.memory_mb = memory_mb
         self.cpus = cpus
         self.log = log or sys.stderr
-        self.share = Path(tempfile.mkdtemp(prefix="forecast-lab-share-"))
+        # base/share is the 9p share; the console socket sits beside it (qemu's 9p must never
+        # see a socket file).
+        self.base = base or Path(tempfile.mkdtemp(prefix="forecast-lab-vm-"))
+        self.share = self.base / "share"
+        self.share.mkdir(exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.pid = pid
         self.accel = "tcg"
         self.boot_seconds = 0.0
-        self._job_seq = 0
+
+    @property
+    def console_socket(self) -> Path:
+        return self.base / "console.sock"
 
     # -- lifecycle --------------------------------------------------------------------------
     def __enter__(self) -> LabVM:
@@ -243,6 +257,13 @@ class LabVM:
             f"file:{self.share / 'console.log'}",
             "-device",
             "virtio-rng-pci",
+            # An interactive shell for `lab shell` (the guest runs one on /dev/hvc0).
+            "-chardev",
+            f"socket,id=shell,path={self.console_socket},server=on,wait=off",
+            "-device",
+            "virtio-serial-pci",
+            "-device",
+            "virtconsole,chardev=shell",
             "-fsdev",
             "local,id=hostroot,path=/,security_model=none,readonly=on,multidevs=remap",
             "-device",
@@ -267,16 +288,32 @@ class LabVM:
             "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
         )
 
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        if self.pid is None:
+            return False
+        try:
+            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            return False
+        # Guard against pid reuse: it must be our qemu, with our share.
+        return str(self.share).encode() in cmdline
+
     def _boot_once(self, initramfs: Path, accel: str, timeout: float) -> bool:
         for name in ("booted", "agent.ready", "agent.rc", "console.log"):
             (self.share / name).unlink(missing_ok=True)
         started = time.monotonic()
-        self.proc = subprocess.Popen(
-            self._qemu_argv(initramfs, accel),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        with (self.base / "qemu.log").open("ab") as qemu_log:
+            # Own session: a detached lab VM must survive the command that booted it.
+            self.proc = subprocess.Popen(
+                self._qemu_argv(initramfs, accel),
+                stdin=subprocess.DEVNULL,
+                stdout=qemu_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pid = self.proc.pid
         while time.monotonic() - started < timeout:
             if (self.share / "agent.ready").exists():
                 self.boot_seconds = time.monotonic() - started
@@ -315,7 +352,23 @@ class LabVM:
                 f"guest did not reach its agent (attempt {attempt}); console tail:\n"
                 + self.console_tail()
             )
+        self.stop()
         raise LabVMError(f"lab VM failed to boot {BOOT_ATTEMPTS} times; see console above")
+
+    def detach(self) -> dict[str, str]:
+        """Leave the VM running; the returned state lets a later command attach() to it."""
+        if not self.alive() or self.pid is None:
+            raise LabVMError("cannot detach: the lab VM is not running")
+        state = {"pid": str(self.pid), "base": str(self.base), "kernel": self.kernel_line}
+        self.proc = None  # the pid stays; nothing here waits for it any more
+        return state
+
+    @classmethod
+    def attach(cls, state: dict[str, str], log: IO[str] | None = None) -> LabVM:
+        vm = cls(state["kernel"], log=log, base=Path(state["base"]), pid=int(state["pid"]))
+        if not vm.alive():
+            raise LabVMError(f"the lab VM (pid {state['pid']}) is no longer running")
+        return vm
 
     def console_tail(self, lines: int = 30) -> str:
         try:
@@ -325,20 +378,27 @@ class LabVM:
         return "\n".join(text.splitlines()[-lines:])
 
     def _kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
+        if self.alive() and self.pid is not None:
+            os.kill(self.pid, signal.SIGKILL)
+            if self.proc is not None:
+                self.proc.wait()
+            else:
+                _wait_gone(self.pid, 10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
+        if self.alive():
             (self.share / "jobs" / "shutdown").write_text("")
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            if self.proc is not None:
+                try:
+                    self.proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self._kill()
+            elif self.pid is not None and not _wait_gone(self.pid, 30):
                 self._kill()
         self.proc = None
+        self.pid = None
         if os.environ.get("FORECAST_LAB_KEEP") != "1":
-            shutil.rmtree(self.share, ignore_errors=True)
+            shutil.rmtree(self.base, ignore_errors=True)
 
     # -- jobs -------------------------------------------------------------------------------
     def guest_path(self, host_path: Path) -> Path:
@@ -362,11 +422,11 @@ class LabVM:
         stream: IO[str] | None = None,
     ) -> JobResult:
         """Run argv in the guest (root namespace); returns its exit code and combined output."""
-        if self.proc is None or self.proc.poll() is not None:
+        if not self.alive():
             raise LabVMError("the lab VM is not running:\n" + self.console_tail())
-        self._job_seq += 1
         jobs = self.share / "jobs"
-        job_id = f"{self._job_seq:04d}"
+        # Unique across every process that drives this VM (lab up, then lab exec, ...).
+        job_id = f"{time.time_ns()}-{os.getpid()}"
         spec = {"argv": argv, "env": env or {}, "timeout": timeout, "cwd": str(REPO_DIR)}
         tmp = jobs / f"{job_id}.json.tmp"
         tmp.write_text(json.dumps(spec))
@@ -383,10 +443,19 @@ class LabVM:
                 shown = len(text)
             if done:
                 break
-            if self.proc.poll() is not None:
+            if not self.alive():
                 raise LabVMError(f"the lab VM stopped during job {argv!r}:\n" + self.console_tail())
             if time.monotonic() > deadline:
                 raise LabVMError(f"job {argv!r} gave no result within {timeout + 30:.0f} s")
             time.sleep(0.1)
         output = out_path.read_text(errors="replace") if out_path.exists() else ""
         return JobResult(int(rc_path.read_text().strip()), output)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}"):
+            return True
+        time.sleep(0.1)
+    return False

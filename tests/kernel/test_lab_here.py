@@ -121,6 +121,13 @@ def test_cli_up_shell_down(run_prefix: str) -> None:
         )
         assert shell.returncode == 0, shell.stderr
         assert "c1 c2" in shell.stdout and "10.1.0.1/16" in shell.stdout
+        ran = subprocess.run(
+            [*cli, "exec", "--lab", prefix, "sh", "-c", "ip -br addr show eth1; exit 4"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert ran.returncode == 4 and "10.1.0.1/16" in ran.stdout
     finally:
         down = subprocess.run([*cli, "down", prefix], capture_output=True, text=True, timeout=60)
     assert down.returncode == 0, down.stderr

@@ -15,6 +15,24 @@ ip link set lo up
 . "$share/guest.env"
 echo "$(cut -d' ' -f1 /proc/uptime)" >"$share/booted"
 for m in $FORECAST_GUEST_MODULES; do modprobe "$m" || echo "stage2: modprobe $m failed"; done
+# `forecast-bpf lab shell` talks to this console: a shell in the running lab's gateway (or a
+# plain one when no lab is up), started again whenever it exits.
+if [ -e /dev/hvc0 ]; then
+  cat >/run/forecast-lab-shellrc <<RC
+PS1='[lab vm] \\w# '
+cd "$FORECAST_REPO"
+if ls /run/forecast-bpf/lab-*.json >/dev/null 2>&1; then
+  SHELL=/bin/bash exec "$FORECAST_PYTHON" -m forecast lab shell
+fi
+RC
+  # The pid lets `lab shell` start a fresh one (inside a lab brought up since the last).
+  (while :; do
+     setsid -c bash --rcfile /run/forecast-lab-shellrc -i </dev/hvc0 >/dev/hvc0 2>&1 &
+     echo $! >/run/forecast-lab-console.pid
+     wait $!
+     sleep 0.3
+   done) &
+fi
 cd "$FORECAST_REPO" && "$FORECAST_PYTHON" -m forecast.lab.agent --share "$share" >"$share/agent.log" 2>&1
 echo $? >"$share/agent.rc"
 sync
