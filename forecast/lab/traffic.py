@@ -34,7 +34,8 @@ class Received:
     def for_tag(self, tag: str) -> Counter[int]:
         out: Counter[int] = Counter()
         for payload, n in self.counts.items():
-            t, _, seq = payload.partition(" ")
+            # "<tag> <seq>[ <padding>]"
+            t, seq, *_ = [*payload.split(" ", 2), ""]
             if t == tag:
                 out[int(seq)] += n
         return out
@@ -96,6 +97,9 @@ def send_main(args: argparse.Namespace) -> int:
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, args.ttl)
     # Never hear ourselves: an echo must come back through the network to be counted.
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+    if args.mark:
+        # Stands in for "decrypted by the SA with this mark" in data path tests.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, args.mark)
     if args.src:
         # A client must send from its virtual IP, or its outbound policy does not match.
         sock.bind((args.src, 0))
@@ -108,7 +112,8 @@ def send_main(args: argparse.Namespace) -> int:
         )
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
     for seq in range(args.count):
-        sock.sendto(f"{args.tag} {seq}".encode() + b"." * args.pad, (args.dst, args.port))
+        payload = f"{args.tag} {seq}" + (" " + "." * (args.pad - 1) if args.pad else "")
+        sock.sendto(payload.encode(), (args.dst, args.port))
         if args.interval:
             time.sleep(args.interval)
     return 0
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--iface")
     s.add_argument("--interval", type=float, default=0.002)
     s.add_argument("--pad", type=int, default=0)
+    s.add_argument("--mark", type=lambda v: int(v, 0), default=0)
     args = parser.parse_args(argv)
     return receive_main(args) if args.cmd == "recv" else send_main(args)
 
@@ -192,6 +198,7 @@ def send(
     iface: str | None = None,
     ttl: int = 1,
     pad: int = 0,
+    mark: int = 0,
 ) -> None:
     argv = [
         "ip",
@@ -214,6 +221,8 @@ def send(
         str(ttl),
         "--pad",
         str(pad),
+        "--mark",
+        hex(mark),
     ]
     if src:
         argv += ["--src", src]

@@ -21,3 +21,8 @@ def test_duplicates_are_not_exactly_once() -> None:
 def test_tags_do_not_bleed_into_each_other() -> None:
     r = Received(Counter({"lan-ab 0": 1, "lan-abc 0": 1}))
     assert r.for_tag("lan-ab") == Counter({0: 1})
+
+
+def test_padding_is_not_part_of_the_sequence_number() -> None:
+    r = Received(Counter({"t 0 .......": 1, "t 1 ...": 1}))
+    assert r.exactly_once("t", 2)

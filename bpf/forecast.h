@@ -1,0 +1,63 @@
+/* forecast-bpf: the one definition of every layout shared by the TC programs and the daemon.
+ * forecast/layout.py mirrors this file; tests/unit/test_layout.py keeps the two equal. */
+#ifndef FORECAST_H
+#define FORECAST_H
+
+/* The SA table is scanned by a bounded loop: 64 slots verify in ~9k instructions
+ * (datapath.md); 1,024 would cost ~122k and 4,096 fails. */
+#define FC_MAX_SAS 64
+/* Remote traffic selectors per SA that can hold a multicast/broadcast destination. */
+#define FC_MAX_TS 4
+/* Multicast groups forwarded from the LAN (the plugin's `groups`). */
+#define FC_MAX_GROUPS 16
+
+/* Counter directions, per SA slot: counters[slot * FC_DIRS + dir]. */
+#define FC_DIR_LAN_TO_SA 0 /* LAN multicast/broadcast copied to this SA */
+#define FC_DIR_SA_TO_LAN 1 /* this SA's decrypted multicast/broadcast copied to the LAN */
+#define FC_DIR_SA_TO_SA 2  /* another SA's multicast/broadcast copied to this SA */
+#define FC_DIRS 3
+
+/* Drop reasons: drops[reason]. */
+#define FC_DROP_CLONE_TO_SA 0     /* bpf_clone_redirect to the XFRM interface failed */
+#define FC_DROP_CLONE_TO_LAN 1    /* bpf_clone_redirect to the LAN device failed */
+#define FC_DROP_UNKNOWN_ORIGIN 2  /* decrypted packet whose mark names no SA in the table */
+#define FC_DROP_MALFORMED 3       /* no complete IPv4 header where one must be */
+#define FC_DROP_NO_HEADROOM 4     /* no room for the LAN copy's Ethernet header */
+#define FC_DROPS 5
+
+/* fc_sa.flags */
+#define FC_SA_ACTIVE 0x1
+#define FC_SA_REINJECT 0x2 /* gets copies of other clients' multicast/broadcast */
+
+struct fc_ts {
+	__u32 addr; /* network byte order, already masked */
+	__u32 mask; /* network byte order; 0 matches everything (0.0.0.0/0) */
+};
+
+struct fc_sa {
+	__u32 flags;
+	__u32 mark_out; /* set on copies to this SA: selects its outbound policy */
+	__u32 mark_in;  /* carried by its decrypted packets (set_mark_in = %same) */
+	__u32 n_ts;
+	struct fc_ts ts[FC_MAX_TS];
+};
+
+struct fc_config {
+	__u32 xfrm_ifindex;
+	__u32 lan_ifindex;
+	__u32 lan_broadcast; /* network byte order */
+	__u32 n_groups;
+	__u32 groups[FC_MAX_GROUPS]; /* network byte order */
+	__u8 lan_mac[6];
+	__u8 pad[2];
+};
+
+/* fc_marks: SA inbound mark (mark_in) → its slot, so a decrypted packet's origin is one lookup,
+ * not a second scan of the table (two scans in one program exceed the verifier's budget). */
+
+struct fc_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif /* FORECAST_H */

@@ -1,0 +1,73 @@
+/* LAN ingress: multicast in `groups` and broadcast from the LAN → one copy to every SA whose
+ * remote traffic selectors contain the destination. The original continues untouched.
+ *
+ * A copy must go to the XFRM interface with the SA's mark: its transmit path routes the copy,
+ * looks the policy up by (mark, if_id) and encrypts. Any other device sends it in clear or not
+ * at all (datapath.md). */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "lib/maps.h"
+#include "lib/classify.h"
+
+/* Map methods must be written in this file (lib/maps.h says why). */
+static __always_inline void fc_count(u32 slot, u32 dir, u32 len)
+{
+	u32 key = fc_counter_key(slot, dir);
+
+	fc_counter_add(fc_counters.lookup(&key), len);
+}
+
+static __always_inline void fc_drop(u32 reason)
+{
+	fc_drop_add(fc_drops.lookup(&reason));
+}
+
+static __always_inline int fc_group_wanted(const struct fc_config *cfg, __u32 daddr)
+{
+#pragma unroll
+	for (int g = 0; g < FC_MAX_GROUPS; g++) {
+		if (g >= cfg->n_groups)
+			break;
+		if (cfg->groups[g] == daddr)
+			return 1;
+	}
+	return 0;
+}
+
+int fc_lan_ingress(struct __sk_buff *skb)
+{
+	u32 zero = 0;
+	struct fc_config *cfg = fc_config.lookup(&zero);
+	struct iphdr ip;
+	u32 daddr, len, orig_mark;
+
+	if (!cfg || !cfg->xfrm_ifindex || skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (fc_load_ip(skb, ETH_HLEN, &ip, 0) < 0)
+		return TC_ACT_OK; /* not ours to judge: the stack drops what is broken */
+	daddr = ip.daddr;
+	if (fc_is_multicast(daddr) ? !fc_group_wanted(cfg, daddr) : !fc_is_broadcast(daddr, cfg))
+		return TC_ACT_OK;
+	if (fc_is_dhcp(skb, ETH_HLEN, &ip))
+		return TC_ACT_OK;
+
+	len = bpf_ntohs(ip.tot_len);
+	orig_mark = skb->mark;
+	for (u32 slot = 0; slot < FC_MAX_SAS; slot++) {
+		u32 key = slot;
+		struct fc_sa *sa = fc_sas.lookup(&key);
+
+		if (!sa || !(sa->flags & FC_SA_ACTIVE) || !fc_sa_wants(sa, daddr))
+			continue;
+		/* Without the barrier the verifier sees a modified ctx pointer (datapath.md). */
+		asm volatile("" : "+r"(skb));
+		skb->mark = sa->mark_out;
+		if (bpf_clone_redirect(skb, cfg->xfrm_ifindex, 0) == 0)
+			fc_count(slot, FC_DIR_LAN_TO_SA, len);
+		else
+			fc_drop(FC_DROP_CLONE_TO_SA);
+	}
+	skb->mark = orig_mark;
+	return TC_ACT_OK;
+}

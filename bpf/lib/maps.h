@@ -1,0 +1,40 @@
+/* The maps, pinned under FC_PIN_DIR (set by the loader) so both programs, a restarted daemon
+ * and `forecast-bpf status` all see the same ones. */
+#ifndef FC_MAPS_H
+#define FC_MAPS_H
+
+#include "forecast.h"
+
+#ifndef FC_PIN_DIR
+#error "FC_PIN_DIR must be defined by the loader"
+#endif
+
+BPF_TABLE_PINNED("array", u32, struct fc_config, fc_config, 1, FC_PIN_DIR "/config");
+BPF_TABLE_PINNED("array", u32, struct fc_sa, fc_sas, FC_MAX_SAS, FC_PIN_DIR "/sas");
+BPF_TABLE_PINNED("hash", u32, u32, fc_marks, FC_MAX_SAS, FC_PIN_DIR "/marks");
+BPF_TABLE_PINNED("percpu_array", u32, struct fc_counter, fc_counters, FC_MAX_SAS * FC_DIRS,
+		 FC_PIN_DIR "/counters");
+BPF_TABLE_PINNED("percpu_array", u32, u64, fc_drops, FC_DROPS, FC_PIN_DIR "/drops");
+
+/* bcc rewrites map methods (.lookup) only when written in the main source file, never in a
+ * header or a macro: the programs look up, these helpers only update what was found. */
+static __always_inline u32 fc_counter_key(u32 slot, u32 dir)
+{
+	return slot * FC_DIRS + dir;
+}
+
+static __always_inline void fc_counter_add(struct fc_counter *c, u32 len)
+{
+	if (c) {
+		c->packets += 1;
+		c->bytes += len;
+	}
+}
+
+static __always_inline void fc_drop_add(u64 *d)
+{
+	if (d)
+		*d += 1;
+}
+
+#endif

@@ -1,0 +1,105 @@
+"""Compile the TC programs with bcc: kernel headers, bpffs for the pinned maps, cflags.
+
+bcc needs a kernel header tree. A matching /lib/modules/$(uname -r)/build just works; where none
+exists (kernels Debian does not ship headers for) a tree merged from the newest installed
+Debian `linux-headers-*-common` and `-amd64` packages serves TC programs, which only use uapi
+types (datapath.md).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+BPF_DIR = Path(os.environ.get("FORECAST_BPF_DIR", Path(__file__).resolve().parents[1] / "bpf"))
+HEADER_CACHE = Path(os.environ.get("FORECAST_HEADER_CACHE", "/var/cache/forecast-bpf/headers"))
+
+
+class BuildError(RuntimeError):
+    """The programs could not be compiled or loaded; the message says why."""
+
+
+def _version_key(path: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", path)]
+
+
+def kernel_source() -> Path | None:
+    """None when bcc finds this kernel's own headers; else a merged Debian header tree."""
+    if Path(f"/lib/modules/{platform.release()}/build/include").is_dir():
+        return None
+    archs = sorted(
+        (
+            p
+            for p in glob.glob("/usr/src/linux-headers-*-amd64")
+            if "-cloud-" not in p and "-rt-" not in p
+        ),
+        key=_version_key,
+    )
+    if not archs:
+        raise BuildError("no kernel headers: install this kernel's headers or run `make setup`")
+    arch = Path(archs[-1])
+    common = Path(str(arch).removesuffix("-amd64") + "-common")
+    if not common.is_dir():
+        raise BuildError(f"{arch} has no matching {common}")
+    merged = HEADER_CACHE / arch.name
+    stamp = merged / ".complete"
+    if not stamp.exists():
+        merged.mkdir(parents=True, exist_ok=True)
+        # A symlink farm: common first, then the arch tree's generated files on top.
+        for src in (common, arch):
+            subprocess.run(["cp", "-asf", f"{src}/.", str(merged)], check=True)
+        stamp.write_text(f"{common}\n{arch}\n")
+    return merged
+
+
+def mount_type(path: Path) -> str:
+    """The file system type of the mount that holds `path`."""
+    best, fstype = "", ""
+    resolved = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            mount_point = fields[4]
+            sep = fields.index("-")
+            if (
+                resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")
+            ) and len(mount_point) >= len(best):
+                best, fstype = mount_point, fields[sep + 1]
+    return fstype
+
+
+def ensure_bpffs(root: Path) -> bool:
+    """Make `root` a bpffs mount if it is not one; True when this call mounted it."""
+    if mount_type(root) == "bpf":
+        return False
+    root.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "bpf", "bpf", str(root)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise BuildError(f"cannot mount bpffs at {root}: {proc.stderr.strip()}")
+    return True
+
+
+def compile_program(source: str, function: str, pin_dir: Path) -> tuple[Any, int]:
+    """Compile bpf/<source> and load `function` as a TC classifier; returns (BPF, prog fd)."""
+    from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests need no bcc
+
+    src = BPF_DIR / source
+    if not src.exists():
+        raise BuildError(f"BPF source {src} is missing")
+    headers = kernel_source()
+    if headers is not None:
+        os.environ["BCC_KERNEL_SOURCE"] = str(headers)
+    cflags = [f"-I{BPF_DIR}", f'-DFC_PIN_DIR="{pin_dir}"', "-Wno-everything"]
+    try:
+        bpf = BPF(src_file=str(src).encode(), cflags=cflags)
+        fn = bpf.load_func(function.encode(), BPF.SCHED_CLS)
+    except Exception as exc:  # bcc raises bare Exception with the verifier's story on stderr
+        raise BuildError(f"{source}: {exc}") from exc
+    return bpf, int(fn.fd)

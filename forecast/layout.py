@@ -1,0 +1,78 @@
+"""Python mirror of bpf/forecast.h: constants and map value layouts (ctypes).
+
+bpf/forecast.h is the source of truth; tests/unit/test_layout.py parses it and fails when the
+two disagree.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+from enum import IntEnum
+
+FC_MAX_SAS = 64
+FC_MAX_TS = 4
+FC_MAX_GROUPS = 16
+
+FC_SA_ACTIVE = 0x1
+FC_SA_REINJECT = 0x2
+
+
+class Direction(IntEnum):
+    LAN_TO_SA = 0
+    SA_TO_LAN = 1
+    SA_TO_SA = 2
+
+
+FC_DIRS = len(Direction)
+
+
+class DropReason(IntEnum):
+    CLONE_TO_SA = 0
+    CLONE_TO_LAN = 1
+    UNKNOWN_ORIGIN = 2
+    MALFORMED = 3
+    NO_HEADROOM = 4
+
+
+FC_DROPS = len(DropReason)
+
+
+class FcTs(ctypes.Structure):
+    _fields_ = (("addr", ctypes.c_uint32), ("mask", ctypes.c_uint32))
+
+
+class FcSa(ctypes.Structure):
+    _fields_ = (
+        ("flags", ctypes.c_uint32),
+        ("mark_out", ctypes.c_uint32),
+        ("mark_in", ctypes.c_uint32),
+        ("n_ts", ctypes.c_uint32),
+        ("ts", FcTs * FC_MAX_TS),
+    )
+
+
+class FcConfig(ctypes.Structure):
+    _fields_ = (
+        ("xfrm_ifindex", ctypes.c_uint32),
+        ("lan_ifindex", ctypes.c_uint32),
+        ("lan_broadcast", ctypes.c_uint32),
+        ("n_groups", ctypes.c_uint32),
+        ("groups", ctypes.c_uint32 * FC_MAX_GROUPS),
+        ("lan_mac", ctypes.c_uint8 * 6),
+        ("pad", ctypes.c_uint8 * 2),
+    )
+
+
+class FcCounter(ctypes.Structure):
+    _fields_ = (("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64))
+
+
+def be32(address: str) -> int:
+    """An IPv4 address as the u32 the kernel stores (network byte order in memory)."""
+    return int(struct.unpack("=I", socket.inet_aton(address))[0])
+
+
+def counter_key(slot: int, direction: Direction) -> int:
+    return slot * FC_DIRS + int(direction)

@@ -1,0 +1,76 @@
+"""forecast/layout.py must say exactly what bpf/forecast.h says."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+from pathlib import Path
+from typing import Any
+
+from forecast import layout
+
+HEADER = (Path(__file__).resolve().parents[2] / "bpf" / "forecast.h").read_text()
+C_TYPES = {"__u32": ctypes.c_uint32, "__u64": ctypes.c_uint64, "__u8": ctypes.c_uint8}
+
+
+def _defines() -> dict[str, int]:
+    return {m[1]: int(m[2], 0) for m in re.finditer(r"#define (FC_\w+) (0x[0-9a-f]+|\d+)", HEADER)}
+
+
+def _struct_fields(name: str) -> list[tuple[str, str, str]]:
+    body = re.search(rf"struct {name} \{{(.*?)\}};", HEADER, re.S)
+    assert body, f"struct {name} not in forecast.h"
+    fields = []
+    for line in re.sub(r"/\*.*?\*/", "", body.group(1), flags=re.S).splitlines():
+        m = re.match(r"\s*(struct \w+|\w+) (\w+)(?:\[(\w+)\])?;", line)
+        if m:
+            fields.append((m[1], m[2], m[3] or ""))
+    return fields
+
+
+def test_constants_match() -> None:
+    d = _defines()
+    assert d["FC_MAX_SAS"] == layout.FC_MAX_SAS
+    assert d["FC_MAX_TS"] == layout.FC_MAX_TS
+    assert d["FC_MAX_GROUPS"] == layout.FC_MAX_GROUPS
+    assert d["FC_SA_ACTIVE"] == layout.FC_SA_ACTIVE
+    assert d["FC_SA_REINJECT"] == layout.FC_SA_REINJECT
+    assert d["FC_DIRS"] == layout.FC_DIRS
+    assert d["FC_DROPS"] == layout.FC_DROPS
+    for direction in layout.Direction:
+        assert d[f"FC_DIR_{direction.name}"] == direction.value
+    for reason in layout.DropReason:
+        assert d[f"FC_DROP_{reason.name}"] == reason.value
+
+
+def test_structs_match_field_by_field() -> None:
+    d = _defines()
+    pairs = {
+        "fc_ts": layout.FcTs,
+        "fc_sa": layout.FcSa,
+        "fc_config": layout.FcConfig,
+        "fc_counter": layout.FcCounter,
+    }
+    for cname, pytype in pairs.items():
+        c_fields = _struct_fields(cname)
+        py_fields = pytype._fields_
+        assert [f[1] for f in c_fields] == [f[0] for f in py_fields], cname
+        for (ctype, fname, count), py_field in zip(c_fields, py_fields, strict=True):
+            ptype: Any = py_field[1]
+            if count:
+                n = d.get(count) or int(count)
+                assert ptype._length_ == n, f"{cname}.{fname}"
+                ptype = ptype._type_
+            if ctype.startswith("struct "):
+                assert ptype is pairs[ctype.removeprefix("struct ")], f"{cname}.{fname}"
+            else:
+                assert ptype is C_TYPES[ctype], f"{cname}.{fname}"
+
+
+def test_sizes_have_no_hidden_padding() -> None:
+    assert ctypes.sizeof(layout.FcSa) == 16 + 8 * layout.FC_MAX_TS
+    assert ctypes.sizeof(layout.FcConfig) == 16 + 4 * layout.FC_MAX_GROUPS + 8
+
+
+def test_be32_is_network_order_in_memory() -> None:
+    assert bytes(ctypes.c_uint32(layout.be32("224.0.0.251"))) == bytes([224, 0, 0, 251])
