@@ -1,0 +1,159 @@
+"""SA table + config → the kernel state forecast-bpf wants. Pure: no I/O, no clock.
+
+Nothing here knows about VICI, and nothing here touches the kernel (architecture-sketch.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+
+from forecast import layout
+from forecast.config import Config
+from forecast.datapath import SaEntry
+from forecast.sa import ChildSa
+
+MULTICAST = IPv4Network("224.0.0.0/4")
+LIMITED_BROADCAST = IPv4Address("255.255.255.255")
+
+
+@dataclass(frozen=True, order=True)
+class MarkRule:
+    """One MARK rule in our mangle chains: `chain` is PREROUTING or OUTPUT (the hook)."""
+
+    chain: str
+    match: tuple[str, ...]
+    mark: int
+    comment: str
+
+
+@dataclass(frozen=True)
+class SlotState:
+    slot: int
+    entry: SaEntry
+    children: tuple[ChildSa, ...]  # newest first; more than one while a rekey settles
+
+
+@dataclass
+class Desired:
+    slots: dict[int, SlotState] = field(default_factory=dict)
+    rules: list[MarkRule] = field(default_factory=list)
+    routes: list[IPv4Network] = field(default_factory=list)
+    # child unique id → why forecast-bpf leaves it alone (logged once, shown by `check`)
+    ignored: dict[int, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def forwards_to(ts: IPv4Network, lan_broadcast: IPv4Address | None) -> bool:
+    """Can a multicast or broadcast destination fall inside this selector?"""
+    return (ts.overlaps(MULTICAST) or LIMITED_BROADCAST in ts
+            or (lan_broadcast is not None and lan_broadcast in ts))
+
+
+def unicast_selectors(child: ChildSa, lan_broadcast: IPv4Address | None
+                      ) -> list[IPv4Network]:
+    """Remote selectors that get MARK rules and routes: not multicast, not a broadcast /32,
+    never /0 (the plugin shifts by 32 there: undefined; here it would capture everything)."""
+    out = []
+    for ts in child.remote_ts:
+        if ts.prefixlen == 0 or ts.subnet_of(MULTICAST):
+            continue
+        if ts.prefixlen == 32 and ts.network_address in (LIMITED_BROADCAST, lan_broadcast):
+            continue
+        out.append(ts)
+    return out
+
+
+def why_ignored(child: ChildSa, cfg: Config) -> str | None:
+    if not child.marked:
+        return "no mark (set mark_in and mark_out = %unique)"
+    if child.if_id_in != cfg.xfrm.if_id or child.if_id_out != cfg.xfrm.if_id:
+        return (f"if_id in/out {child.if_id_in}/{child.if_id_out}, the XFRM interface has "
+                f"{cfg.xfrm.if_id} (set if_id_in and if_id_out = {cfg.xfrm.if_id})")
+    return None
+
+
+def assign_slots(marks: list[int], previous: Mapping[int, int]) -> tuple[dict[int, int], list[int]]:
+    """Stable slots by inbound mark: an SA keeps its slot (and counters) across rekeys and
+    daemon restarts; new marks take the lowest free slot. Returns (mark → slot, left out)."""
+    out: dict[int, int] = {}
+    for mark in marks:
+        if mark in previous and 0 <= previous[mark] < layout.FC_MAX_SAS:
+            out[mark] = previous[mark]
+    used = set(out.values())
+    free = (s for s in range(layout.FC_MAX_SAS) if s not in used)
+    left_out = []
+    for mark in marks:
+        if mark in out:
+            continue
+        slot = next(free, None)
+        if slot is None:
+            left_out.append(mark)
+        else:
+            out[mark] = slot
+    return out, left_out
+
+
+def _comment(child: ChildSa) -> str:
+    safe = "".join(c for c in child.remote_id if c.isalnum() or c in "@.-_")[:40]
+    return f"forecast-bpf {child.ike_name}/{child.child_name} #{child.unique_id} {safe}"
+
+
+def _inbound_rule(child: ChildSa) -> MarkRule | None:
+    if child.remote_host is None or child.local_host is None:
+        return None
+    peer, local = f"{child.remote_host}/32", f"{child.local_host}/32"
+    if child.encap:
+        match = ("-s", peer, "-d", local, "-p", "udp", "-m", "udp", "--sport",
+                 str(child.remote_port), "--dport", str(child.local_port))
+    else:
+        match = ("-s", peer, "-d", local, "-p", "esp", "-m", "esp", "--espspi", str(child.spi_in))
+    return MarkRule("PREROUTING", match, child.mark_in, _comment(child))
+
+
+def compute(children: list[ChildSa], cfg: Config, lan_broadcast: IPv4Address | None,
+            previous_slots: Mapping[int, int]) -> Desired:
+    desired = Desired()
+    by_mark: dict[int, list[ChildSa]] = {}
+    for child in children:
+        reason = why_ignored(child, cfg)
+        if reason:
+            desired.ignored[child.unique_id] = reason
+        else:
+            by_mark.setdefault(child.mark_in, []).append(child)
+    slots, left_out = assign_slots(sorted(by_mark), previous_slots)
+    for mark in left_out:
+        desired.warnings.append(
+            f"SA table full ({layout.FC_MAX_SAS} SAs): mark {mark:#x} gets no forwarding")
+    seen_rules: set[tuple[str, tuple[str, ...]]] = set()
+
+    def add_rule(rule: MarkRule | None) -> None:
+        if rule and (rule.chain, rule.match) not in seen_rules:
+            seen_rules.add((rule.chain, rule.match))
+            desired.rules.append(rule)
+
+    for mark in sorted(by_mark):
+        # Newest first: a settled child before the one it replaced.
+        group = sorted(by_mark[mark], key=lambda c: (c.retire_at is not None, -c.unique_id))
+        current = group[0]
+        for child in group:
+            add_rule(_inbound_rule(child))
+        if current.retire_at is None:
+            for ts in unicast_selectors(current, lan_broadcast):
+                for hook in ("PREROUTING", "OUTPUT"):
+                    add_rule(MarkRule(hook, ("-d", str(ts)), current.mark_out, _comment(current)))
+                if ts not in desired.routes:
+                    desired.routes.append(ts)
+        if mark not in slots:
+            continue
+        selectors = [ts for ts in current.remote_ts if forwards_to(ts, lan_broadcast)]
+        if len(selectors) > layout.FC_MAX_TS:
+            desired.warnings.append(f"{current.label}: {len(selectors)} multicast/broadcast "
+                                    f"selectors, only the first {layout.FC_MAX_TS} forwarded")
+            selectors = selectors[: layout.FC_MAX_TS]
+        entry = SaEntry(mark_out=current.mark_out, mark_in=current.mark_in,
+                        selectors=tuple(selectors),
+                        reinject=current.child_name in cfg.reinject)
+        desired.slots[slots[mark]] = SlotState(slots[mark], entry, tuple(group))
+    return desired

@@ -1,0 +1,284 @@
+"""The SA table: which CHILD_SAs exist, derived from strongSwan's VICI messages. Pure, no I/O.
+
+A `list-sas` snapshot fills it; `child-updown`, `child-rekey`, `ike-updown` and `ike-rekey`
+events patch it (quirks of charon 5.9.8 in lab.md). Every method returns what changed, so the
+daemon can log one line per SA added, rekeyed or removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network, AddressValueError, NetmaskValueError
+from typing import Any
+
+# A rekeyed child still carries traffic for a moment after the new one is installed; its
+# inbound-ESP rule stays this long (the plugin removes it at once and may lose packets).
+REKEY_GRACE_S = 10.0
+
+
+class PayloadError(ValueError):
+    """A VICI message is missing a key or has a value of the wrong shape; names which."""
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _get(msg: Mapping[Any, Any], key: str) -> Any:
+    if key in msg:
+        return msg[key]
+    bkey = key.encode()
+    if bkey in msg:
+        return msg[bkey]
+    return None
+
+
+def _need(msg: Mapping[Any, Any], key: str, where: str) -> str:
+    value = _get(msg, key)
+    if value is None or isinstance(value, list | dict):
+        raise PayloadError(f"{where}: missing or non-scalar '{key}'")
+    return _s(value)
+
+
+def _hex(msg: Mapping[Any, Any], key: str, where: str, default: int | None = None) -> int:
+    value = _get(msg, key)
+    if value is None:
+        if default is None:
+            raise PayloadError(f"{where}: missing '{key}'")
+        return default
+    try:
+        return int(_s(value), 16)
+    except ValueError:
+        raise PayloadError(f"{where}: '{key}' is not hexadecimal: {_s(value)!r}") from None
+
+
+def _int(msg: Mapping[Any, Any], key: str, where: str) -> int:
+    text = _need(msg, key, where)
+    try:
+        return int(text)
+    except ValueError:
+        raise PayloadError(f"{where}: '{key}' is not a number: {text!r}") from None
+
+
+def _networks(msg: Mapping[Any, Any], key: str, where: str) -> tuple[IPv4Network, ...]:
+    value = _get(msg, key) or []
+    if not isinstance(value, list):
+        raise PayloadError(f"{where}: '{key}' is not a list")
+    out = []
+    for item in value:
+        text = _s(item)
+        try:
+            out.append(IPv4Network(text, strict=False))
+        except (AddressValueError, NetmaskValueError, ValueError):
+            if ":" in text:
+                continue  # IPv6 selectors are not forwarded (IPv4 only, as the plugin)
+            raise PayloadError(f"{where}: '{key}' holds {text!r}, not an IPv4 prefix") from None
+    return tuple(out)
+
+
+def _address(msg: Mapping[Any, Any], key: str, where: str) -> IPv4Address | None:
+    value = _get(msg, key)
+    if value is None:
+        return None
+    try:
+        return IPv4Address(_s(value))
+    except AddressValueError:
+        return None  # IPv6 peer: not ours to mark
+
+
+@dataclass(frozen=True)
+class ChildSa:
+    """One installed CHILD_SA as the gateway sees it."""
+
+    ike_name: str
+    ike_id: int
+    child_name: str
+    unique_id: int
+    reqid: int
+    state: str
+    mark_in: int
+    mark_out: int
+    if_id_in: int
+    if_id_out: int
+    spi_in: int
+    spi_out: int
+    encap: bool
+    local_host: IPv4Address | None
+    remote_host: IPv4Address | None
+    local_port: int
+    remote_port: int
+    remote_id: str
+    remote_vips: tuple[IPv4Address, ...]
+    local_ts: tuple[IPv4Network, ...]
+    remote_ts: tuple[IPv4Network, ...]
+    # When set: rekeyed, kept until this monotonic time for its in-flight packets.
+    retire_at: float | None = None
+
+    @property
+    def marked(self) -> bool:
+        """Handled by forecast-bpf, as by the plugin: both marks set (`mark = %unique`)."""
+        return self.mark_in != 0 and self.mark_out != 0
+
+    @property
+    def label(self) -> str:
+        return (f"{self.ike_name}/{self.child_name} #{self.unique_id} ({self.remote_id}, "
+                f"mark {self.mark_in:#x}, spi-in {self.spi_in:08x})")
+
+
+def parse_child(ike_name: str, ike: Mapping[Any, Any], child: Mapping[Any, Any]) -> ChildSa:
+    where = f"IKE_SA {ike_name}"
+    name = _need(child, "name", where)
+    where = f"CHILD_SA {ike_name}/{name}"
+    vips = []
+    for v in _get(ike, "remote-vips") or []:
+        try:
+            vips.append(IPv4Address(_s(v)))
+        except AddressValueError:
+            continue
+    return ChildSa(
+        ike_name=ike_name,
+        ike_id=_int(ike, "uniqueid", f"IKE_SA {ike_name}"),
+        child_name=name,
+        unique_id=_int(child, "uniqueid", where),
+        reqid=_int(child, "reqid", where),
+        state=_need(child, "state", where),
+        mark_in=_hex(child, "mark-in", where, 0),
+        mark_out=_hex(child, "mark-out", where, 0),
+        if_id_in=_hex(child, "if-id-in", where, 0),
+        if_id_out=_hex(child, "if-id-out", where, 0),
+        spi_in=_hex(child, "spi-in", where),
+        spi_out=_hex(child, "spi-out", where),
+        encap=_s(_get(child, "encap") or "no") == "yes",
+        local_host=_address(ike, "local-host", where),
+        remote_host=_address(ike, "remote-host", where),
+        local_port=int(_s(_get(ike, "local-port") or 500)),
+        remote_port=int(_s(_get(ike, "remote-port") or 500)),
+        remote_id=_s(_get(ike, "remote-id") or ""),
+        remote_vips=tuple(vips),
+        local_ts=_networks(child, "local-ts", where),
+        remote_ts=_networks(child, "remote-ts", where),
+    )
+
+
+def _ike_sections(payload: Mapping[Any, Any]) -> Iterable[tuple[str, Mapping[Any, Any]]]:
+    for key, value in payload.items():
+        if isinstance(value, Mapping):
+            yield _s(key), value
+
+
+def _children(ike_name: str, ike: Mapping[Any, Any]) -> list[ChildSa]:
+    sas = _get(ike, "child-sas") or {}
+    if not isinstance(sas, Mapping):
+        raise PayloadError(f"IKE_SA {ike_name}: 'child-sas' is not a section")
+    return [parse_child(ike_name, ike, c) for c in sas.values() if isinstance(c, Mapping)]
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: str  # "added", "removed", "rekeyed", "retired"
+    child: ChildSa
+    old: ChildSa | None = None
+
+    def line(self) -> str:
+        if self.kind == "rekeyed" and self.old is not None:
+            return (f"SA rekeyed: {self.child.label}, was #{self.old.unique_id} "
+                    f"spi-in {self.old.spi_in:08x}")
+        return f"SA {self.kind}: {self.child.label}"
+
+
+class SaTable:
+    """Installed CHILD_SAs by unique id, including rekeyed ones in their grace period."""
+
+    def __init__(self) -> None:
+        self.children: dict[int, ChildSa] = {}
+
+    def __len__(self) -> int:
+        return len(self.children)
+
+    def active(self) -> list[ChildSa]:
+        return sorted((c for c in self.children.values() if c.retire_at is None),
+                      key=lambda c: c.unique_id)
+
+    def all(self) -> list[ChildSa]:
+        return sorted(self.children.values(), key=lambda c: c.unique_id)
+
+    def _add(self, child: ChildSa, changes: list[Change]) -> None:
+        if child.unique_id not in self.children:
+            changes.append(Change("added", child))
+        self.children[child.unique_id] = child
+
+    def _remove(self, unique_id: int, changes: list[Change]) -> None:
+        old = self.children.pop(unique_id, None)
+        if old is not None and old.retire_at is None:
+            changes.append(Change("removed", old))
+
+    def load_snapshot(self, list_sas: Iterable[Mapping[Any, Any]]) -> list[Change]:
+        """Replace the table with a `list-sas` answer (one message per IKE_SA)."""
+        seen: dict[int, ChildSa] = {}
+        for msg in list_sas:
+            for ike_name, ike in _ike_sections(msg):
+                for child in _children(ike_name, ike):
+                    if child.state == "INSTALLED":
+                        seen[child.unique_id] = child
+        changes: list[Change] = []
+        for uid in list(self.children):
+            if uid not in seen and self.children[uid].retire_at is None:
+                self._remove(uid, changes)
+        for child in seen.values():
+            self._add(child, changes)
+        return changes
+
+    def apply(self, event: str, payload: Mapping[Any, Any], now: float) -> list[Change]:
+        changes: list[Change] = []
+        up = _s(_get(payload, "up") or "") == "yes"  # down events carry no "up" at all
+        if event == "child-updown":
+            for ike_name, ike in _ike_sections(payload):
+                for child in _children(ike_name, ike):
+                    if up and child.state == "INSTALLED":
+                        self._add(child, changes)
+                    elif not up:
+                        self._remove(child.unique_id, changes)
+        elif event == "child-rekey":
+            for ike_name, ike in _ike_sections(payload):
+                sas = _get(ike, "child-sas") or {}
+                for pair in sas.values():
+                    old_msg, new_msg = _get(pair, "old"), _get(pair, "new")
+                    if not isinstance(old_msg, Mapping) or not isinstance(new_msg, Mapping):
+                        raise PayloadError(f"IKE_SA {ike_name}: child-rekey without old/new")
+                    old = parse_child(ike_name, ike, old_msg)
+                    new = parse_child(ike_name, ike, new_msg)
+                    previous = self.children.get(old.unique_id, old)
+                    self.children[old.unique_id] = replace(previous,
+                                                           retire_at=now + REKEY_GRACE_S)
+                    self.children[new.unique_id] = new
+                    changes.append(Change("rekeyed", new, old))
+        elif event == "ike-updown":
+            if not up:
+                for _ike_name, ike in _ike_sections(payload):
+                    ike_id = _int(ike, "uniqueid", "ike-updown")
+                    for uid, child in list(self.children.items()):
+                        if child.ike_id == ike_id:
+                            self._remove(uid, changes)
+        elif event == "ike-rekey":
+            for ike_name, pair in _ike_sections(payload):
+                old_msg, new_msg = _get(pair, "old"), _get(pair, "new")
+                if not isinstance(old_msg, Mapping) or not isinstance(new_msg, Mapping):
+                    raise PayloadError(f"IKE_SA {ike_name}: ike-rekey without old/new")
+                old_id = _int(old_msg, "uniqueid", "ike-rekey old")
+                new_id = _int(new_msg, "uniqueid", "ike-rekey new")
+                for uid, child in list(self.children.items()):
+                    if child.ike_id == old_id:
+                        self.children[uid] = replace(child, ike_id=new_id)
+        else:
+            raise PayloadError(f"unexpected VICI event {event!r}")
+        return changes
+
+    def expire(self, now: float) -> list[Change]:
+        """Drop rekeyed children whose grace period is over."""
+        changes = []
+        for uid, child in list(self.children.items()):
+            if child.retire_at is not None and child.retire_at <= now:
+                del self.children[uid]
+                changes.append(Change("retired", child))
+        return changes

@@ -1,0 +1,113 @@
+"""Desired state from recorded SAs; MARK rules held against the plugin's own rule dump."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from forecast import config, desired, layout, netfilter
+from forecast.sa import ChildSa, SaTable
+from tests.conftest import SHARED
+from tests.unit.conftest import load_events
+
+CFG = config.parse({"reinject": ["rw"], "xfrm": {"if_id": 42}})
+BCAST = IPv4Address("10.1.255.255")
+RULES = SHARED / "fixtures" / "forecast-plugin-rules"
+
+
+def _children(fixtures_dir: Path, upto: str, if_id: int = 42) -> list[ChildSa]:
+    table = SaTable()
+    for name, event, payload in load_events(fixtures_dir / "gw"):
+        table.apply(event, payload, 0.0)
+        if name.startswith(upto):
+            break
+    return [replace(c, if_id_in=if_id, if_id_out=if_id) for c in table.all()]
+
+
+def _plugin_rules(dump: str) -> set[tuple[str, tuple[str, ...], int]]:
+    out = set()
+    for line in (RULES / dump).read_text().splitlines():
+        m = re.match(r"-A (PREROUTING|OUTPUT) (.*) -j MARK --set-xmark (0x[0-9a-f]+)/", line)
+        if m:
+            out.add((m[1], tuple(m[2].split()), int(m[3], 16)))
+    return out
+
+
+def _ours(d: desired.Desired) -> set[tuple[str, tuple[str, ...], int]]:
+    return {(r.chain, r.match, r.mark) for r in d.rules}
+
+
+def test_rules_equal_the_plugins_for_two_clients(fixtures_dir: Path) -> None:
+    d = desired.compute(_children(fixtures_dir, "004"), CFG, BCAST, {})
+    assert _ours(d) == _plugin_rules("forecast-mangle-2clients-up.iptables-legacy-save.txt")
+    assert sorted(map(str, d.routes)) == ["10.1.0.129/32", "10.1.0.130/32"]
+
+
+def test_rules_after_rekeys_equal_the_plugins(fixtures_dir: Path) -> None:
+    children = _children(fixtures_dir, "008")
+    d = desired.compute(children, CFG, BCAST, {})
+    assert _ours(d) == _plugin_rules("forecast-mangle-after-rekeys.iptables-legacy-save.txt")
+
+
+def test_esp_rekey_keeps_both_spis_until_the_old_one_retires(fixtures_dir: Path) -> None:
+    kids = [replace(c, encap=False) for c in _children(fixtures_dir, "005")]
+    d = desired.compute(kids, CFG, BCAST, {})
+    spis = sorted(int(r.match[-1]) for r in d.rules if "--espspi" in r.match and r.mark == 2)
+    assert spis == sorted([0x3F3F4BBD, 0xAC640A60])
+    assert len(d.slots) == 2  # one slot per mark, not per child
+    settled = desired.compute([c for c in kids if c.retire_at is None], CFG, BCAST, {})
+    assert [int(r.match[-1]) for r in settled.rules if "--espspi" in r.match and r.mark == 2] \
+        == [0xAC640A60]
+
+
+def test_data_path_entries(fixtures_dir: Path) -> None:
+    d = desired.compute(_children(fixtures_dir, "004"), CFG, BCAST, {})
+    entries = {s.entry.mark_in: s.entry for s in d.slots.values()}
+    assert set(entries) == {2, 3}
+    assert entries[2].selectors == (IPv4Network("10.1.255.255/32"), IPv4Network("224.0.0.0/4"))
+    assert entries[2].reinject and entries[2].mark_out == 2
+    no_reinject = desired.compute(_children(fixtures_dir, "004"), config.parse({}), BCAST, {})
+    assert not any(s.entry.reinject for s in no_reinject.slots.values())
+
+
+def test_children_without_marks_or_our_if_id_are_ignored_with_a_reason(
+        fixtures_dir: Path) -> None:
+    d = desired.compute(_children(fixtures_dir, "004", if_id=0), CFG, BCAST, {})
+    assert not d.rules and not d.slots and not d.routes
+    assert all("set if_id_in and if_id_out = 42" in r for r in d.ignored.values())
+    unmarked = [replace(c, mark_in=0, mark_out=0) for c in _children(fixtures_dir, "004")]
+    d = desired.compute(unmarked, CFG, BCAST, {})
+    assert all(r.startswith("no mark") for r in d.ignored.values())
+
+
+def test_slots_are_stable_and_capacity_is_reported() -> None:
+    slots, left = desired.assign_slots([5, 6, 7], {6: 9})
+    assert slots == {6: 9, 5: 0, 7: 1} and not left
+    marks = list(range(1, layout.FC_MAX_SAS + 3))
+    slots, left = desired.assign_slots(marks, {})
+    assert len(slots) == layout.FC_MAX_SAS and left == marks[-2:]
+
+
+def test_zero_prefix_and_multicast_selectors_never_get_unicast_rules(
+        fixtures_dir: Path) -> None:
+    child = _children(fixtures_dir, "002")[0]
+    child = replace(child, remote_ts=(IPv4Network("0.0.0.0/0"), IPv4Network("239.0.0.0/8"),
+                                      IPv4Network("255.255.255.255/32")))
+    d = desired.compute([child], CFG, BCAST, {})
+    assert [r for r in d.rules if r.match[0] == "-d" and r.chain == "OUTPUT"] == []
+    assert d.routes == []
+    (slot,) = d.slots.values()
+    assert IPv4Network("0.0.0.0/0") in slot.entry.selectors
+
+
+def test_render_is_one_transaction_of_our_chains(fixtures_dir: Path) -> None:
+    d = desired.compute(_children(fixtures_dir, "004"), CFG, BCAST, {})
+    text = netfilter.render(d.rules)
+    lines = text.splitlines()
+    assert lines[:3] == ["*mangle", ":FORECAST-PRE - [0:0]", ":FORECAST-OUT - [0:0]"]
+    assert lines[-1] == "COMMIT"
+    assert all(line.startswith(("-A FORECAST-PRE ", "-A FORECAST-OUT ")) for line in lines[3:-1])
+    assert '-d 10.1.0.129/32 -m comment --comment "forecast-bpf rw/rw #2 c1@probe" -j MARK ' \
+           "--set-xmark 0x2/0xffffffff" in text
