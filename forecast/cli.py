@@ -77,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"forecast-bpf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from forecast.config import DEFAULT_PATH
+
+    for name, help_text in (
+        ("run", "run the daemon in the foreground"),
+        ("check", "tell, child by child, what strongSwan's live SAs lack"),
+        ("status", "per-SA counters of the running daemon"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", default=str(DEFAULT_PATH), help=f"({DEFAULT_PATH})")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable (schema 1)")
+
     lab = sub.add_parser("lab", help="try it in a lab with real strongSwan and real IPsec")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)
     run = lab_sub.add_parser("run", help="bring the lab up, run SCRIPT on the gateway, tear down")
@@ -100,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "check", "status"):
+        from forecast import cli_daemon
+
+        return {
+            "run": cli_daemon.run,
+            "check": cli_daemon.run_check,
+            "status": cli_daemon.run_status,
+        }[args.command](args)
     if args.command == "lab":
         from forecast.lab import cli_lab
 

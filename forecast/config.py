@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, AddressValueError
+from ipaddress import AddressValueError, IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +41,36 @@ class Config:
     metrics_address: str = "127.0.0.1:9719"
     log_level: str = "info"
     pin_dir: Path = Path("/sys/fs/bpf/forecast-bpf")
+    # What `status` reads besides the pinned maps: which SA each slot holds.
+    state_file: Path = Path("/run/forecast-bpf/state.json")
 
 
-KEYS = {"interface", "groups", "reinject", "xfrm", "vici_socket", "metrics_address",
-        "log_level", "pin_dir"}
+KEYS = {
+    "interface",
+    "groups",
+    "reinject",
+    "xfrm",
+    "vici_socket",
+    "metrics_address",
+    "log_level",
+    "pin_dir",
+    "state_file",
+}
 XFRM_KEYS = {"name", "if_id", "dev"}
 
 
 def _ifname(where: str, value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > IFNAMSIZ or "/" in value \
-            or any(c.isspace() for c in value):
-        raise ConfigError(f"{where}: {value!r} is not an interface name (1-{IFNAMSIZ} "
-                          "characters, no '/' or spaces)")
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > IFNAMSIZ
+        or "/" in value
+        or any(c.isspace() for c in value)
+    ):
+        raise ConfigError(
+            f"{where}: {value!r} is not an interface name (1-{IFNAMSIZ} "
+            "characters, no '/' or spaces)"
+        )
     return value
 
 
@@ -89,8 +107,9 @@ def _if_id(where: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if not 1 <= value <= 0xFFFFFFFF:
-        raise ConfigError(f"{where}: must be 1..4294967295 (a normal XFRM interface needs a "
-                          "non-zero if_id)")
+        raise ConfigError(
+            f"{where}: must be 1..4294967295 (a normal XFRM interface needs a non-zero if_id)"
+        )
     return value
 
 
@@ -118,7 +137,9 @@ def parse(data: Any, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
     unknown = sorted(set(map(str, data)) - KEYS)
     if unknown:
-        raise ConfigError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KEYS))})")
+        raise ConfigError(
+            f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KEYS))})"
+        )
     kw: dict[str, Any] = {}
     if "interface" in data:
         kw["interface"] = _ifname(f"{source}: interface", data["interface"])
@@ -132,8 +153,9 @@ def parse(data: Any, source: str = "<config>") -> Config:
             raise ConfigError(f"{source}: xfrm: expected a mapping (name, if_id, dev)")
         bad = sorted(set(map(str, x)) - XFRM_KEYS)
         if bad:
-            raise ConfigError(f"{source}: xfrm: unknown key {bad[0]!r} (known: "
-                              f"{', '.join(sorted(XFRM_KEYS))})")
+            raise ConfigError(
+                f"{source}: xfrm: unknown key {bad[0]!r} (known: {', '.join(sorted(XFRM_KEYS))})"
+            )
         base = XfrmConfig()
         kw["xfrm"] = XfrmConfig(
             name=_ifname(f"{source}: xfrm.name", x["name"]) if "name" in x else base.name,
@@ -143,16 +165,18 @@ def parse(data: Any, source: str = "<config>") -> Config:
     if "vici_socket" in data:
         kw["vici_socket"] = _path(f"{source}: vici_socket", data["vici_socket"])
     if "metrics_address" in data:
-        kw["metrics_address"] = _address_port(f"{source}: metrics_address",
-                                              data["metrics_address"])
+        kw["metrics_address"] = _address_port(f"{source}: metrics_address", data["metrics_address"])
     if "log_level" in data:
         level = data["log_level"]
         if level not in LOG_LEVELS:
-            raise ConfigError(f"{source}: log_level: {level!r} is not one of "
-                              f"{', '.join(LOG_LEVELS)}")
+            raise ConfigError(
+                f"{source}: log_level: {level!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
         kw["log_level"] = level
     if "pin_dir" in data:
         kw["pin_dir"] = _path(f"{source}: pin_dir", data["pin_dir"])
+    if "state_file" in data:
+        kw["state_file"] = _path(f"{source}: state_file", data["state_file"])
     return Config(**kw)
 
 

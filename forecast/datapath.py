@@ -129,19 +129,36 @@ class Datapath:
         table[ctypes.c_uint32(0)] = _leaf(table, encode_config(cfg))
 
     def write_sa(self, slot: int, sa: SaEntry | None) -> None:
-        """Fill or clear one slot. A filled slot starts with zero counters."""
+        """Fill or clear one slot. A slot that gets a different SA (another inbound mark)
+        starts from zero counters; the same SA updated (a rekey narrowing its selectors) keeps
+        counting."""
         if not 0 <= slot < layout.FC_MAX_SAS:
             raise DatapathError(f"slot {slot} outside 0..{layout.FC_MAX_SAS - 1}")
         table, marks = self._table("sas"), self._table("marks")
         old = table[ctypes.c_uint32(slot)]
-        if old.flags & layout.FC_SA_ACTIVE and old.mark_in:
-            marks.pop(ctypes.c_uint32(old.mark_in), None)
+        old_mark = old.mark_in if old.flags & layout.FC_SA_ACTIVE else 0
         if sa is None:
             table[ctypes.c_uint32(slot)] = table.Leaf()
+            if old_mark:
+                marks.pop(ctypes.c_uint32(old_mark), None)
             return
-        self._zero_counters(slot)
-        table[ctypes.c_uint32(slot)] = _leaf(table, encode_sa(sa))
+        value = _leaf(table, encode_sa(sa))
+        if old_mark != sa.mark_in:
+            if old_mark:
+                marks.pop(ctypes.c_uint32(old_mark), None)
+            self._zero_counters(slot)
+        table[ctypes.c_uint32(slot)] = value
         marks[ctypes.c_uint32(sa.mark_in)] = ctypes.c_uint32(slot)
+
+    def active_slots(self) -> dict[int, int]:
+        """mark_in → slot of every filled slot: what a restarted daemon adopts."""
+        table = self._table("sas")
+        out = {}
+        for slot in range(layout.FC_MAX_SAS):
+            value = table[ctypes.c_uint32(slot)]
+            if value.flags & layout.FC_SA_ACTIVE:
+                out[int(value.mark_in)] = slot
+        return out
 
     def _zero_counters(self, slot: int) -> None:
         counters = self._table("counters")

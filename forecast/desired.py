@@ -47,12 +47,14 @@ class Desired:
 
 def forwards_to(ts: IPv4Network, lan_broadcast: IPv4Address | None) -> bool:
     """Can a multicast or broadcast destination fall inside this selector?"""
-    return (ts.overlaps(MULTICAST) or LIMITED_BROADCAST in ts
-            or (lan_broadcast is not None and lan_broadcast in ts))
+    return (
+        ts.overlaps(MULTICAST)
+        or LIMITED_BROADCAST in ts
+        or (lan_broadcast is not None and lan_broadcast in ts)
+    )
 
 
-def unicast_selectors(child: ChildSa, lan_broadcast: IPv4Address | None
-                      ) -> list[IPv4Network]:
+def unicast_selectors(child: ChildSa, lan_broadcast: IPv4Address | None) -> list[IPv4Network]:
     """Remote selectors that get MARK rules and routes: not multicast, not a broadcast /32,
     never /0 (the plugin shifts by 32 there: undefined; here it would capture everything)."""
     out = []
@@ -69,8 +71,10 @@ def why_ignored(child: ChildSa, cfg: Config) -> str | None:
     if not child.marked:
         return "no mark (set mark_in and mark_out = %unique)"
     if child.if_id_in != cfg.xfrm.if_id or child.if_id_out != cfg.xfrm.if_id:
-        return (f"if_id in/out {child.if_id_in}/{child.if_id_out}, the XFRM interface has "
-                f"{cfg.xfrm.if_id} (set if_id_in and if_id_out = {cfg.xfrm.if_id})")
+        return (
+            f"if_id in/out {child.if_id_in}/{child.if_id_out}, the XFRM interface has "
+            f"{cfg.xfrm.if_id} (set if_id_in and if_id_out = {cfg.xfrm.if_id})"
+        )
     return None
 
 
@@ -104,16 +108,33 @@ def _inbound_rule(child: ChildSa) -> MarkRule | None:
     if child.remote_host is None or child.local_host is None:
         return None
     peer, local = f"{child.remote_host}/32", f"{child.local_host}/32"
+    match: tuple[str, ...]
     if child.encap:
-        match = ("-s", peer, "-d", local, "-p", "udp", "-m", "udp", "--sport",
-                 str(child.remote_port), "--dport", str(child.local_port))
+        match = (
+            "-s",
+            peer,
+            "-d",
+            local,
+            "-p",
+            "udp",
+            "-m",
+            "udp",
+            "--sport",
+            str(child.remote_port),
+            "--dport",
+            str(child.local_port),
+        )
     else:
         match = ("-s", peer, "-d", local, "-p", "esp", "-m", "esp", "--espspi", str(child.spi_in))
     return MarkRule("PREROUTING", match, child.mark_in, _comment(child))
 
 
-def compute(children: list[ChildSa], cfg: Config, lan_broadcast: IPv4Address | None,
-            previous_slots: Mapping[int, int]) -> Desired:
+def compute(
+    children: list[ChildSa],
+    cfg: Config,
+    lan_broadcast: IPv4Address | None,
+    previous_slots: Mapping[int, int],
+) -> Desired:
     desired = Desired()
     by_mark: dict[int, list[ChildSa]] = {}
     for child in children:
@@ -125,7 +146,8 @@ def compute(children: list[ChildSa], cfg: Config, lan_broadcast: IPv4Address | N
     slots, left_out = assign_slots(sorted(by_mark), previous_slots)
     for mark in left_out:
         desired.warnings.append(
-            f"SA table full ({layout.FC_MAX_SAS} SAs): mark {mark:#x} gets no forwarding")
+            f"SA table full ({layout.FC_MAX_SAS} SAs): mark {mark:#x} gets no forwarding"
+        )
     seen_rules: set[tuple[str, tuple[str, ...]]] = set()
 
     def add_rule(rule: MarkRule | None) -> None:
@@ -149,11 +171,16 @@ def compute(children: list[ChildSa], cfg: Config, lan_broadcast: IPv4Address | N
             continue
         selectors = [ts for ts in current.remote_ts if forwards_to(ts, lan_broadcast)]
         if len(selectors) > layout.FC_MAX_TS:
-            desired.warnings.append(f"{current.label}: {len(selectors)} multicast/broadcast "
-                                    f"selectors, only the first {layout.FC_MAX_TS} forwarded")
+            desired.warnings.append(
+                f"{current.label}: {len(selectors)} multicast/broadcast "
+                f"selectors, only the first {layout.FC_MAX_TS} forwarded"
+            )
             selectors = selectors[: layout.FC_MAX_TS]
-        entry = SaEntry(mark_out=current.mark_out, mark_in=current.mark_in,
-                        selectors=tuple(selectors),
-                        reinject=current.child_name in cfg.reinject)
+        entry = SaEntry(
+            mark_out=current.mark_out,
+            mark_in=current.mark_in,
+            selectors=tuple(selectors),
+            reinject=current.child_name in cfg.reinject,
+        )
         desired.slots[slots[mark]] = SlotState(slots[mark], entry, tuple(group))
     return desired

@@ -37,19 +37,23 @@ def detect(netns: str | None = None) -> Backend:
     return Backend("iptables-restore", "iptables-save", "iptables", variant)
 
 
-def _run(argv: list[str], netns: str | None, input_text: str | None = None
-         ) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: list[str], netns: str | None, input_text: str | None = None
+) -> subprocess.CompletedProcess[str]:
     full = [*(["ip", "netns", "exec", netns] if netns else []), *argv]
-    proc = subprocess.run(full, input=input_text, capture_output=True, text=True, timeout=30,
-                          check=False)
+    proc = subprocess.run(
+        full, input=input_text, capture_output=True, text=True, timeout=30, check=False
+    )
     if proc.returncode != 0:
         raise NetfilterError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
 
 
 def render_rule(rule: MarkRule) -> str:
-    return (f"-A {CHAINS[rule.chain]} {' '.join(rule.match)} -m comment --comment "
-            f'"{rule.comment}" -j MARK --set-xmark {rule.mark:#x}/0xffffffff')
+    return (
+        f"-A {CHAINS[rule.chain]} {' '.join(rule.match)} -m comment --comment "
+        f'"{rule.comment}" -j MARK --set-xmark {rule.mark:#x}/0xffffffff'
+    )
 
 
 def render(rules: Iterable[MarkRule]) -> str:
@@ -69,9 +73,22 @@ class Rules:
 
     def _jump_present(self, hook: str) -> bool:
         proc = subprocess.run(
-            [*(["ip", "netns", "exec", self.netns] if self.netns else []),
-             self.backend.iptables, "-w", "-t", "mangle", "-C", hook, "-j", CHAINS[hook]],
-            capture_output=True, text=True, timeout=30, check=False)
+            [
+                *(["ip", "netns", "exec", self.netns] if self.netns else []),
+                self.backend.iptables,
+                "-w",
+                "-t",
+                "mangle",
+                "-C",
+                hook,
+                "-j",
+                CHAINS[hook],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         return proc.returncode == 0
 
     def apply(self, rules: Iterable[MarkRule]) -> None:
@@ -81,24 +98,41 @@ class Rules:
             if not self._jump_present(hook):
                 # First in the hook, as the plugin's rules: the mark must be set before any
                 # other rule looks at the packet.
-                _run([self.backend.iptables, "-w", "-t", "mangle", "-I", hook, "1", "-j", chain],
-                     self.netns)
+                _run(
+                    [self.backend.iptables, "-w", "-t", "mangle", "-I", hook, "1", "-j", chain],
+                    self.netns,
+                )
 
     def current(self) -> list[str]:
         """Our chains' rules as iptables-save prints them (for status and tests)."""
         out = _run([self.backend.save, "-t", "mangle"], self.netns).stdout
-        return [line for line in out.splitlines()
-                if any(line.startswith(f"-A {c} ") for c in CHAINS.values())]
+        return [
+            line
+            for line in out.splitlines()
+            if any(line.startswith(f"-A {c} ") for c in CHAINS.values())
+        ]
 
     def remove(self) -> None:
         """Unhook and delete our chains; nothing of ours is left, nothing else is touched."""
         for hook, chain in CHAINS.items():
             while self._jump_present(hook):
-                _run([self.backend.iptables, "-w", "-t", "mangle", "-D", hook, "-j", chain],
-                     self.netns)
+                _run(
+                    [self.backend.iptables, "-w", "-t", "mangle", "-D", hook, "-j", chain],
+                    self.netns,
+                )
         text = _run([self.backend.save, "-t", "mangle"], self.netns).stdout
         present = [c for c in CHAINS.values() if f":{c} " in text]
         if present:
-            _run([self.backend.restore, "-w", "--noflush"], self.netns,
-                 "\n".join(["*mangle", *(f":{c} - [0:0]" for c in present),
-                            *(f"-X {c}" for c in present), "COMMIT", ""]))
+            _run(
+                [self.backend.restore, "-w", "--noflush"],
+                self.netns,
+                "\n".join(
+                    [
+                        "*mangle",
+                        *(f":{c} - [0:0]" for c in present),
+                        *(f"-X {c}" for c in present),
+                        "COMMIT",
+                        "",
+                    ]
+                ),
+            )

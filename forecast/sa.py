@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network, AddressValueError, NetmaskValueError
+from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
 from typing import Any
 
 # A rekeyed child still carries traffic for a moment after the new one is installed; its
@@ -122,8 +122,10 @@ class ChildSa:
 
     @property
     def label(self) -> str:
-        return (f"{self.ike_name}/{self.child_name} #{self.unique_id} ({self.remote_id}, "
-                f"mark {self.mark_in:#x}, spi-in {self.spi_in:08x})")
+        return (
+            f"{self.ike_name}/{self.child_name} #{self.unique_id} ({self.remote_id}, "
+            f"mark {self.mark_in:#x}, spi-in {self.spi_in:08x})"
+        )
 
 
 def parse_child(ike_name: str, ike: Mapping[Any, Any], child: Mapping[Any, Any]) -> ChildSa:
@@ -182,8 +184,10 @@ class Change:
 
     def line(self) -> str:
         if self.kind == "rekeyed" and self.old is not None:
-            return (f"SA rekeyed: {self.child.label}, was #{self.old.unique_id} "
-                    f"spi-in {self.old.spi_in:08x}")
+            return (
+                f"SA rekeyed: {self.child.label}, was #{self.old.unique_id} "
+                f"spi-in {self.old.spi_in:08x}"
+            )
         return f"SA {self.kind}: {self.child.label}"
 
 
@@ -197,8 +201,9 @@ class SaTable:
         return len(self.children)
 
     def active(self) -> list[ChildSa]:
-        return sorted((c for c in self.children.values() if c.retire_at is None),
-                      key=lambda c: c.unique_id)
+        return sorted(
+            (c for c in self.children.values() if c.retire_at is None), key=lambda c: c.unique_id
+        )
 
     def all(self) -> list[ChildSa]:
         return sorted(self.children.values(), key=lambda c: c.unique_id)
@@ -249,8 +254,7 @@ class SaTable:
                     old = parse_child(ike_name, ike, old_msg)
                     new = parse_child(ike_name, ike, new_msg)
                     previous = self.children.get(old.unique_id, old)
-                    self.children[old.unique_id] = replace(previous,
-                                                           retire_at=now + REKEY_GRACE_S)
+                    self.children[old.unique_id] = replace(previous, retire_at=now + REKEY_GRACE_S)
                     self.children[new.unique_id] = new
                     changes.append(Change("rekeyed", new, old))
         elif event == "ike-updown":

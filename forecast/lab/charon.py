@@ -154,6 +154,21 @@ class CharonInstance:
                 f"{self.name}: initiate {ike}/{child} failed: {exc}\n" + self.log_tail()
             ) from exc
 
+    def command(self, name: str, args: dict[str, Any]) -> None:
+        """A VICI command that streams log messages (rekey, terminate); raises on failure."""
+        try:
+            with self.session() as s:
+                result = getattr(s, name)(args)
+                if (
+                    result is not None
+                    and hasattr(result, "__iter__")
+                    and not isinstance(result, dict)
+                ):
+                    for _log in result:
+                        pass
+        except Exception as exc:
+            raise CharonError(f"{self.name}: {name} {args} failed: {exc}") from exc
+
     def list_sas(self) -> list[dict[str, Any]]:
         with self.session() as s:
             return list(s.list_sas())

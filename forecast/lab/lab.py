@@ -135,6 +135,16 @@ class Lab:
         vips = ", ".join(f"{c.name}={c.virtual_ip}" for c in self.topology.clients)
         self._say(f"tunnels up in {self.timings['connect_s']:.1f} s: {vips}")
 
+    def rekey_child(self, client: str) -> None:
+        """The client rekeys its CHILD_SA (new SPIs, same mark)."""
+        self.charons[client].command("rekey", {"child": conns.CLIENT_CHILD})
+
+    def rekey_ike(self, client: str) -> None:
+        self.charons[client].command("rekey", {"ike": conns.CLIENT_CONN})
+
+    def disconnect(self, client: str) -> None:
+        self.charons[client].command("terminate", {"ike": conns.CLIENT_CONN, "timeout": 5000})
+
     def virtual_ip(self, client: str) -> str:
         for child in inspect.child_sas(str(self.charons[client].vici_socket)):
             if child["local-vips"]:

@@ -18,22 +18,60 @@ def _rule(chain: str, match: tuple[str, ...], mark: int) -> MarkRule:
     return MarkRule(chain, match, mark, f"forecast-bpf test {mark}")
 
 
-ESP = ("-s", "192.168.0.11/32", "-d", "192.168.0.1/32", "-p", "esp", "-m", "esp", "--espspi",
-       "1061112765")
-NATT = ("-s", "192.168.0.12/32", "-d", "192.168.0.1/32", "-p", "udp", "-m", "udp", "--sport",
-        "4500", "--dport", "4500")
+ESP = (
+    "-s",
+    "192.168.0.11/32",
+    "-d",
+    "192.168.0.1/32",
+    "-p",
+    "esp",
+    "-m",
+    "esp",
+    "--espspi",
+    "1061112765",
+)
+NATT = (
+    "-s",
+    "192.168.0.12/32",
+    "-d",
+    "192.168.0.1/32",
+    "-p",
+    "udp",
+    "-m",
+    "udp",
+    "--sport",
+    "4500",
+    "--dport",
+    "4500",
+)
 
 
 def test_apply_replace_remove(nsname: str) -> None:
-    operator_rule = ["iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "tcp", "--dport",
-                     "22", "-j", "ACCEPT"]
+    operator_rule = [
+        "iptables",
+        "-t",
+        "mangle",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "--dport",
+        "22",
+        "-j",
+        "ACCEPT",
+    ]
     netns.run(operator_rule, netns=nsname)
     rules = netfilter.Rules(nsname)
     assert rules.backend.variant in ("nf_tables", "legacy")
 
-    rules.apply([_rule("PREROUTING", ESP, 2), _rule("PREROUTING", NATT, 3),
-                 _rule("PREROUTING", ("-d", "10.1.0.129/32"), 2),
-                 _rule("OUTPUT", ("-d", "10.1.0.129/32"), 2)])
+    rules.apply(
+        [
+            _rule("PREROUTING", ESP, 2),
+            _rule("PREROUTING", NATT, 3),
+            _rule("PREROUTING", ("-d", "10.1.0.129/32"), 2),
+            _rule("OUTPUT", ("-d", "10.1.0.129/32"), 2),
+        ]
+    )
     text = _save(nsname)
     pre = [line for line in text.splitlines() if line.startswith("-A PREROUTING")]
     assert pre[0] == "-A PREROUTING -j FORECAST-PRE"  # first: marks before anything else
@@ -58,8 +96,12 @@ def test_a_bad_rule_changes_nothing(nsname: str) -> None:
     rules = netfilter.Rules(nsname)
     rules.apply([_rule("PREROUTING", ("-d", "10.1.0.129/32"), 2)])
     with pytest.raises(netfilter.NetfilterError, match="iptables-restore"):
-        rules.apply([_rule("PREROUTING", ("-d", "10.1.0.130/32"), 3),
-                     _rule("PREROUTING", ("--no-such-option",), 4)])
+        rules.apply(
+            [
+                _rule("PREROUTING", ("-d", "10.1.0.130/32"), 3),
+                _rule("PREROUTING", ("--no-such-option",), 4),
+            ]
+        )
     current = rules.current()
     assert len(current) == 1 and "10.1.0.129/32" in current[0]  # the commit was all or nothing
     rules.remove()

@@ -35,24 +35,27 @@ def test_full_file(tmp_path: Path) -> None:
     assert cfg.vici_socket == Path("/run/x.vici") and cfg.log_level == "debug"
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("intreface: eth1\n", "unknown key 'intreface'"),
-    ("groups: [10.0.0.1]\n", "groups: 10.0.0.1 is not a multicast address"),
-    ("groups: [239.1.1.1, 239.1.1.1]\n", "groups: 239.1.1.1 is listed twice"),
-    ("groups: [nonsense]\n", "groups: 'nonsense' is not an IPv4 address"),
-    ("groups: []\n", "groups: expected a list"),
-    ("xfrm: {if_id: 0}\n", "xfrm.if_id: must be 1..4294967295"),
-    ("xfrm: {if_id: yes}\n", "xfrm.if_id: expected a number"),
-    ("xfrm: {mtu: 1400}\n", "xfrm: unknown key 'mtu'"),
-    ("interface: this-name-is-far-too-long\n", "interface: 'this-name-is-far-too-long'"),
-    ("metrics_address: 9100\n", "metrics_address: expected HOST:PORT"),
-    ("metrics_address: 'localhost:99999'\n", "metrics_address: port '99999'"),
-    ("log_level: verbose\n", "log_level: 'verbose' is not one of"),
-    ("vici_socket: charon.vici\n", "vici_socket: expected an absolute path"),
-    ("reinject: [1, 2]\n", "reinject: expected a list of CHILD_SA config names"),
-    ("- a\n- b\n", "the top level must be a mapping"),
-    ("groups: [\n", "not valid YAML"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("intreface: eth1\n", "unknown key 'intreface'"),
+        ("groups: [10.0.0.1]\n", "groups: 10.0.0.1 is not a multicast address"),
+        ("groups: [239.1.1.1, 239.1.1.1]\n", "groups: 239.1.1.1 is listed twice"),
+        ("groups: [nonsense]\n", "groups: 'nonsense' is not an IPv4 address"),
+        ("groups: []\n", "groups: expected a list"),
+        ("xfrm: {if_id: 0}\n", "xfrm.if_id: must be 1..4294967295"),
+        ("xfrm: {if_id: yes}\n", "xfrm.if_id: expected a number"),
+        ("xfrm: {mtu: 1400}\n", "xfrm: unknown key 'mtu'"),
+        ("interface: this-name-is-far-too-long\n", "interface: 'this-name-is-far-too-long'"),
+        ("metrics_address: 9100\n", "metrics_address: expected HOST:PORT"),
+        ("metrics_address: 'localhost:99999'\n", "metrics_address: port '99999'"),
+        ("log_level: verbose\n", "log_level: 'verbose' is not one of"),
+        ("vici_socket: charon.vici\n", "vici_socket: expected an absolute path"),
+        ("reinject: [1, 2]\n", "reinject: expected a list of CHILD_SA config names"),
+        ("- a\n- b\n", "the top level must be a mapping"),
+        ("groups: [\n", "not valid YAML"),
+    ],
+)
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)

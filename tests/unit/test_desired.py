@@ -58,8 +58,9 @@ def test_esp_rekey_keeps_both_spis_until_the_old_one_retires(fixtures_dir: Path)
     assert spis == sorted([0x3F3F4BBD, 0xAC640A60])
     assert len(d.slots) == 2  # one slot per mark, not per child
     settled = desired.compute([c for c in kids if c.retire_at is None], CFG, BCAST, {})
-    assert [int(r.match[-1]) for r in settled.rules if "--espspi" in r.match and r.mark == 2] \
-        == [0xAC640A60]
+    assert [int(r.match[-1]) for r in settled.rules if "--espspi" in r.match and r.mark == 2] == [
+        0xAC640A60
+    ]
 
 
 def test_data_path_entries(fixtures_dir: Path) -> None:
@@ -72,8 +73,7 @@ def test_data_path_entries(fixtures_dir: Path) -> None:
     assert not any(s.entry.reinject for s in no_reinject.slots.values())
 
 
-def test_children_without_marks_or_our_if_id_are_ignored_with_a_reason(
-        fixtures_dir: Path) -> None:
+def test_children_without_marks_or_our_if_id_are_ignored_with_a_reason(fixtures_dir: Path) -> None:
     d = desired.compute(_children(fixtures_dir, "004", if_id=0), CFG, BCAST, {})
     assert not d.rules and not d.slots and not d.routes
     assert all("set if_id_in and if_id_out = 42" in r for r in d.ignored.values())
@@ -90,11 +90,16 @@ def test_slots_are_stable_and_capacity_is_reported() -> None:
     assert len(slots) == layout.FC_MAX_SAS and left == marks[-2:]
 
 
-def test_zero_prefix_and_multicast_selectors_never_get_unicast_rules(
-        fixtures_dir: Path) -> None:
+def test_zero_prefix_and_multicast_selectors_never_get_unicast_rules(fixtures_dir: Path) -> None:
     child = _children(fixtures_dir, "002")[0]
-    child = replace(child, remote_ts=(IPv4Network("0.0.0.0/0"), IPv4Network("239.0.0.0/8"),
-                                      IPv4Network("255.255.255.255/32")))
+    child = replace(
+        child,
+        remote_ts=(
+            IPv4Network("0.0.0.0/0"),
+            IPv4Network("239.0.0.0/8"),
+            IPv4Network("255.255.255.255/32"),
+        ),
+    )
     d = desired.compute([child], CFG, BCAST, {})
     assert [r for r in d.rules if r.match[0] == "-d" and r.chain == "OUTPUT"] == []
     assert d.routes == []
@@ -109,5 +114,7 @@ def test_render_is_one_transaction_of_our_chains(fixtures_dir: Path) -> None:
     assert lines[:3] == ["*mangle", ":FORECAST-PRE - [0:0]", ":FORECAST-OUT - [0:0]"]
     assert lines[-1] == "COMMIT"
     assert all(line.startswith(("-A FORECAST-PRE ", "-A FORECAST-OUT ")) for line in lines[3:-1])
-    assert '-d 10.1.0.129/32 -m comment --comment "forecast-bpf rw/rw #2 c1@probe" -j MARK ' \
-           "--set-xmark 0x2/0xffffffff" in text
+    assert (
+        '-d 10.1.0.129/32 -m comment --comment "forecast-bpf rw/rw #2 c1@probe" -j MARK '
+        "--set-xmark 0x2/0xffffffff" in text
+    )

@@ -26,7 +26,9 @@ def test_two_clients_connect(fixtures_dir: Path) -> None:
     table, lines = _replay(fixtures_dir, "004")
     kids = table.active()
     assert [(c.unique_id, c.mark_in, c.remote_id) for c in kids] == [
-        (2, 2, "c1@probe"), (3, 3, "c2@probe")]
+        (2, 2, "c1@probe"),
+        (3, 3, "c2@probe"),
+    ]
     c1 = kids[0]
     assert c1.remote_vips == (IPv4Address("10.1.0.129"),)
     assert IPv4Network("10.1.255.255/32") in c1.remote_ts
@@ -44,8 +46,9 @@ def test_child_rekey_keeps_the_old_sa_for_its_grace_period(fixtures_dir: Path) -
     old = table.children[2]
     assert old.retire_at is not None and old.spi_in == 0x3F3F4BBD
     assert table.children[4].mark_in == 2  # same mark, new SPI
-    assert lines[-1].startswith("SA rekeyed: rw/rw #4 (c1@probe, mark 0x2, spi-in ac640a60), "
-                                "was #2")
+    assert lines[-1].startswith(
+        "SA rekeyed: rw/rw #4 (c1@probe, mark 0x2, spi-in ac640a60), was #2"
+    )
     retired = table.expire(old.retire_at - 0.1)
     assert retired == []
     assert [c.kind for c in table.expire(old.retire_at + REKEY_GRACE_S)] == ["retired"]
@@ -93,16 +96,24 @@ def test_snapshot_replaces_the_table(fixtures_dir: Path) -> None:
     gone = table.load_snapshot(load_list_sas(fixtures_dir / "list-sas/gw-after-disconnect.json"))
     assert {c.kind for c in gone} <= {"removed"}
     assert len(table.active()) == len(
-        [1 for m in load_list_sas(fixtures_dir / "list-sas/gw-after-disconnect.json")
-         for ike in m.values() for _ in ike.get("child-sas", {}).values()])
+        [
+            1
+            for m in load_list_sas(fixtures_dir / "list-sas/gw-after-disconnect.json")
+            for ike in m.values()
+            for _ in ike.get("child-sas", {}).values()
+        ]
+    )
 
 
-@pytest.mark.parametrize(("mutate", "message"), [
-    (lambda c: c.pop("spi-in"), "CHILD_SA rw/rw: missing 'spi-in'"),
-    (lambda c: c.__setitem__("mark-in", b"zz"), "'mark-in' is not hexadecimal"),
-    (lambda c: c.__setitem__("remote-ts", [b"10.1.0.300/32"]), "not an IPv4 prefix"),
-    (lambda c: c.__setitem__("uniqueid", b"two"), "'uniqueid' is not a number"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c.pop("spi-in"), "CHILD_SA rw/rw: missing 'spi-in'"),
+        (lambda c: c.__setitem__("mark-in", b"zz"), "'mark-in' is not hexadecimal"),
+        (lambda c: c.__setitem__("remote-ts", [b"10.1.0.300/32"]), "not an IPv4 prefix"),
+        (lambda c: c.__setitem__("uniqueid", b"two"), "'uniqueid' is not a number"),
+    ],
+)
 def test_malformed_payloads_are_named(fixtures_dir: Path, mutate: object, message: str) -> None:
     _name, event, payload = load_events(fixtures_dir / "gw")[1]
     child = next(iter(payload["rw"]["child-sas"].values()))

@@ -1,0 +1,98 @@
+"""`forecast-bpf run | check | status`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from forecast import check, config, status
+from forecast.bpf_build import BuildError
+from forecast.config import ConfigError
+from forecast.datapath import DatapathError
+from forecast.links import LinkError
+from forecast.netfilter import NetfilterError
+from forecast.vici_source import ViciUnavailable
+
+SETUP_ERRORS = (BuildError, LinkError, NetfilterError, DatapathError, OSError)
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"forecast-bpf: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _config(args: argparse.Namespace) -> config.Config:
+    return config.load(Path(args.config))
+
+
+def run(args: argparse.Namespace) -> int:
+    from forecast.daemon import Daemon
+
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level.upper()),
+        format="forecast-bpf: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    daemon = Daemon(cfg)
+    try:
+        daemon.setup()
+    except SETUP_ERRORS as exc:
+        return _fail(f"set-up failed, nothing left behind: {exc}", 1)
+    try:
+        logging.getLogger("forecast-bpf").info("running; VICI socket %s", cfg.vici_socket)
+        daemon.serve(stop)
+    finally:
+        daemon.teardown()
+        logging.getLogger("forecast-bpf").info("stopped; everything removed")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    try:
+        reports = check.run(_config(args))
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except ViciUnavailable as exc:
+        return _fail(f"cannot read strongSwan's SAs: {exc}")
+    if not reports:
+        print("no CHILD_SA is up: nothing to check")
+        return 0
+    bad = 0
+    for r in reports:
+        if r.problems:
+            bad += 1
+            print(f"MISSING  {r.label}")
+            for p in r.problems:
+                print(f"         - {p}")
+        else:
+            print(f"OK       {r.label}")
+    print(f"{len(reports) - bad} ready, {bad} need changes")
+    return 1 if bad else 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    try:
+        cfg = _config(args)
+        snap = status.read(cfg.state_file)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except status.NotRunning as exc:
+        print(str(exc), file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps(snap.doc, indent=2))
+    else:
+        print(status.render_table(snap))
+    return 0

@@ -1,0 +1,215 @@
+"""Links, routes and group memberships the daemon owns, through pyroute2.
+
+- The XFRM interface: every copy for an SA is redirected to it (datapath.md). An interface
+  the daemon creates carries the alias "forecast-bpf", so a restarted daemon adopts it and a
+  clean exit removes only what is ours; an operator's own interface is used, never deleted.
+- Routes: charon installs none for children with an if_id, so each SA's unicast remote
+  selector (the client's virtual IP) is routed through the XFRM interface, under our own route
+  protocol number, or unicast to clients would not be encrypted.
+- Groups: joined on the LAN interface so IGMP-snooping switches deliver them.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+ALIAS = "forecast-bpf"
+RTPROT_FORECAST = 252  # unassigned in iproute2's rt_protos: marks our routes
+IFF_BROADCAST = 0x2
+IFF_LOOPBACK = 0x8
+
+
+class LinkError(RuntimeError):
+    """A link, route or membership could not be set up; the message names it."""
+
+
+@dataclass(frozen=True)
+class LanInterface:
+    name: str
+    index: int
+    mac: bytes
+    address: IPv4Address
+    broadcast: IPv4Address | None
+
+
+def _ipr(netns: str | None) -> IPRoute:
+    return IPRoute(netns=netns, flags=0) if netns else IPRoute()
+
+
+def _attrs(msg: Any) -> dict[str, Any]:
+    return dict(msg["attrs"])
+
+
+def find_lan(
+    name: str | None, *, exclude: Iterable[str] = (), netns: str | None = None
+) -> LanInterface:
+    """The configured LAN interface, or the first with an IPv4 broadcast (as the plugin)."""
+    with _ipr(netns) as ipr:
+        links = {m["index"]: m for m in ipr.get_links()}
+        addrs = [a for a in ipr.get_addr(family=socket.AF_INET)]
+    skip = set(exclude)
+    candidates = []
+    for link in sorted(links.values(), key=lambda m: m["index"]):
+        attrs = _attrs(link)
+        ifname = attrs.get("IFLA_IFNAME")
+        if ifname in skip or (name and ifname != name):
+            continue
+        if link["flags"] & IFF_LOOPBACK or not link["flags"] & IFF_BROADCAST:
+            continue
+        for a in addrs:
+            if a["index"] != link["index"]:
+                continue
+            a_attrs = _attrs(a)
+            bcast = a_attrs.get("IFA_BROADCAST")
+            if bcast or name:
+                mac = bytes.fromhex(
+                    str(attrs.get("IFLA_ADDRESS", "00:00:00:00:00:00")).replace(":", "")
+                )
+                candidates.append(
+                    LanInterface(
+                        str(ifname),
+                        int(link["index"]),
+                        mac,
+                        IPv4Address(a_attrs["IFA_ADDRESS"]),
+                        IPv4Address(bcast) if bcast else None,
+                    )
+                )
+                break
+        if candidates:
+            break
+    if not candidates:
+        if name:
+            raise LinkError(f"LAN interface {name}: not found, or no IPv4 address on it")
+        raise LinkError("no interface with an IPv4 broadcast address: set `interface`")
+    return candidates[0]
+
+
+def default_route_device(netns: str | None = None) -> str:
+    with _ipr(netns) as ipr:
+        for route in ipr.get_default_routes(family=socket.AF_INET):
+            oif = dict(route["attrs"]).get("RTA_OIF")
+            if oif:
+                return str(ipr.get_links(oif)[0].get_attr("IFLA_IFNAME"))
+    raise LinkError("no IPv4 default route to bind the XFRM interface to: set xfrm.dev")
+
+
+@dataclass
+class XfrmInterface:
+    name: str
+    index: int
+    created: bool  # ours to delete on exit (created now, or adopted by alias)
+
+
+def ensure_xfrm(name: str, if_id: int, dev: str, netns: str | None = None) -> XfrmInterface:
+    with _ipr(netns) as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if found:
+            link = ipr.get_links(found[0])[0]
+            info = (
+                dict(link.get_attr("IFLA_LINKINFO")["attrs"])
+                if link.get_attr("IFLA_LINKINFO")
+                else {}
+            )
+            kind = info.get("IFLA_INFO_KIND")
+            data = info.get("IFLA_INFO_DATA")
+            have_id = data.get_attr("IFLA_XFRM_IF_ID") if data is not None else None
+            if kind != "xfrm":
+                raise LinkError(
+                    f"{name} exists and is a {kind or 'non-xfrm'} device: choose another xfrm.name"
+                )
+            if have_id != if_id:
+                raise LinkError(f"{name} exists with if_id {have_id}, config says {if_id}")
+            ipr.link("set", index=found[0], state="up")
+            return XfrmInterface(name, found[0], link.get_attr("IFLA_IFALIAS") == ALIAS)
+        lower = ipr.link_lookup(ifname=dev)
+        if not lower:
+            raise LinkError(f"xfrm.dev {dev}: no such interface")
+        try:
+            ipr.link("add", ifname=name, kind="xfrm", xfrm_link=lower[0], xfrm_if_id=if_id)
+        except NetlinkError as exc:
+            raise LinkError(
+                f"cannot create XFRM interface {name} (if_id {if_id}) on {dev}: "
+                f"{exc.args[1] if len(exc.args) > 1 else exc}"
+            ) from None
+        index = ipr.link_lookup(ifname=name)[0]
+        ipr.link("set", index=index, ifalias=ALIAS, state="up")
+        return XfrmInterface(name, index, True)
+
+
+def remove_xfrm(xfrm: XfrmInterface, netns: str | None = None) -> None:
+    if not xfrm.created:
+        return
+    with _ipr(netns) as ipr:
+        try:
+            ipr.link("del", index=xfrm.index)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+
+
+def our_routes(netns: str | None = None) -> set[IPv4Network]:
+    with _ipr(netns) as ipr:
+        routes = ipr.get_routes(family=socket.AF_INET, proto=RTPROT_FORECAST)
+    return {
+        IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
+        for r in routes
+        if r["proto"] == RTPROT_FORECAST
+    }
+
+
+def sync_routes(
+    wanted: Iterable[IPv4Network], xfrm_index: int, netns: str | None = None
+) -> tuple[set[IPv4Network], set[IPv4Network]]:
+    """Make our routes exactly `wanted` (all through the XFRM interface); (added, removed)."""
+    want = set(wanted)
+    have = our_routes(netns)
+    with _ipr(netns) as ipr:
+        for net in sorted(want, key=str):
+            ipr.route(
+                "replace",
+                dst=str(net.network_address),
+                dst_len=net.prefixlen,
+                oif=xfrm_index,
+                proto=RTPROT_FORECAST,
+            )
+        for net in sorted(have - want, key=str):
+            try:
+                ipr.route(
+                    "del",
+                    dst=str(net.network_address),
+                    dst_len=net.prefixlen,
+                    proto=RTPROT_FORECAST,
+                )
+            except NetlinkError as exc:
+                if exc.code != errno.ESRCH:
+                    raise
+    return want - have, have - want
+
+
+class GroupMemberships:
+    """IP_ADD_MEMBERSHIP on the LAN interface; closing the socket leaves every group."""
+
+    def __init__(self, lan: LanInterface, groups: Iterable[IPv4Address]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        self.groups = list(groups)
+        for group in self.groups:
+            mreqn = struct.pack(
+                "4s4si", group.packed, IPv4Interface(f"{lan.address}/32").ip.packed, lan.index
+            )
+            try:
+                self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+            except OSError as exc:
+                self.sock.close()
+                raise LinkError(f"cannot join {group} on {lan.name}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,84 @@
+"""strongSwan over VICI: a `list-sas` snapshot, then the events that patch it.
+
+Events are registered before the snapshot is taken, so nothing falls between the two; an event
+that the snapshot already reflects is applied again harmlessly (the SA table's updates are
+idempotent). When charon goes away the caller reconnects with back-off and takes a fresh
+snapshot: the table is always derived, never replayed from memory.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import vici
+
+EVENTS = ["child-updown", "child-rekey", "ike-updown", "ike-rekey"]
+BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+class ViciUnavailable(ConnectionError):
+    """charon's VICI socket cannot be reached or the connection broke."""
+
+
+def _connect(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ViciUnavailable(f"VICI socket {path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def list_sas(path: Path) -> list[Any]:
+    sock = _connect(path)
+    try:
+        return list(vici.Session(sock).list_sas())
+    except (OSError, vici.exception.SessionException) as exc:
+        raise ViciUnavailable(f"list-sas on {path}: {exc}") from None
+    finally:
+        sock.close()
+
+
+def version(path: Path) -> dict[str, str]:
+    sock = _connect(path)
+    try:
+        answer = vici.Session(sock).version()
+    finally:
+        sock.close()
+    return {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in answer.items()}
+
+
+class EventStream:
+    """A registered event listener: iterate for (event, payload), (None, None) when idle."""
+
+    def __init__(self, path: Path, idle_timeout: float = 1.0) -> None:
+        self.path = path
+        self.sock = _connect(path)
+        self._gen = vici.Session(self.sock).listen(EVENTS, timeout=idle_timeout)
+        # The first step registers every event with charon (and may already yield one).
+        self.pending: list[tuple[str | None, Any]] = [self._next()]
+
+    def _next(self) -> tuple[str | None, Any]:
+        try:
+            label, msg = next(self._gen)
+        except StopIteration:
+            raise ViciUnavailable(f"VICI event stream on {self.path} ended") from None
+        except (OSError, vici.exception.SessionException) as exc:
+            raise ViciUnavailable(f"VICI event stream on {self.path}: {exc}") from None
+        if label is None:
+            return None, None
+        return (label.decode() if isinstance(label, bytes) else str(label)), msg
+
+    def __iter__(self) -> Iterator[tuple[str | None, Any]]:
+        while True:
+            if self.pending:
+                yield self.pending.pop(0)
+            else:
+                yield self._next()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -1,0 +1,212 @@
+"""The daemon's control plane against real charons (kernel-libipsec) in the lab topology:
+SA slot, MARK rules and route on connect; a rekey followed; a disconnect cleaned up; a stop
+that leaves nothing behind. Forwarding itself needs real XFRM (lab tier) or the stand-ins of
+test_datapath.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forecast import tc
+from forecast.lab import netns
+from forecast.lab.conns import GatewayMode
+from forecast.lab.lab import Lab, LabOptions
+
+HELPER = Path(__file__).with_name("standin_daemon.py")
+IF_ID = 42
+
+
+@dataclass
+class Running:
+    lab: Lab
+    proc: subprocess.Popen[str]
+    cfg_path: Path
+    state_file: Path
+    pin_dir: Path
+    log: Path
+
+    @property
+    def gw(self) -> str:
+        return self.lab.topology.gateway.netns
+
+    def state(self) -> dict[str, Any]:
+        return dict(json.loads(self.state_file.read_text()))
+
+    def wait(
+        self, what: str, predicate: Callable[[dict[str, Any]], bool], seconds: float = 20
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + seconds
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited {self.proc.returncode}:\n" + self.log.read_text()
+                )
+            try:
+                state = self.state()
+                if predicate(state):
+                    return state
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(
+            f"timed out waiting for {what}; state {state}\n" + self.log.read_text()[-3000:]
+        )
+
+    def rules(self) -> list[str]:
+        out = netns.run(["iptables-save", "-t", "mangle"], netns=self.gw).stdout
+        return [line for line in out.splitlines() if "FORECAST" in line]
+
+    def routes(self) -> str:
+        return netns.run(["ip", "route", "show", "proto", "252"], netns=self.gw).stdout
+
+
+@pytest.fixture
+def running(run_prefix: str, tmp_path: Path) -> Iterator[Running]:
+    bpffs = tmp_path / "bpffs"
+    bpffs.mkdir()
+    # Mounted before the daemon starts, so its `ip netns exec` mount namespace shares it
+    # with this test process (which reads the pins as `status` does).
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    opts = LabOptions(
+        clients=2,
+        libipsec=True,
+        mode=GatewayMode.FORECAST_BPF,
+        if_id=IF_ID,
+        connect=False,
+        prefix=f"{run_prefix}p",
+    )
+    lab = Lab(opts)
+    proc = None
+    try:
+        lab.up()
+        gw = lab.topology.gateway.netns
+        netns.run(["ip", "link", "add", "xfs0", "type", "veth", "peer", "name", "xfs0p"], netns=gw)
+        for dev in ("xfs0", "xfs0p"):
+            netns.run(["ip", "link", "set", dev, "up"], netns=gw)
+        state_file, pin_dir = tmp_path / "state.json", bpffs / "forecast"
+        cfg_path = tmp_path / "forecast-bpf.yaml"
+        cfg_path.write_text(
+            f"interface: eth1\nreinject: [rw]\nxfrm: {{name: xfs0, if_id: {IF_ID}}}\n"
+            f"vici_socket: {lab.topology.gateway.vici_socket}\n"
+            f"pin_dir: {pin_dir}\nstate_file: {state_file}\n"
+        )
+        log = tmp_path / "daemon.log"
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", gw, sys.executable, str(HELPER), str(cfg_path), "xfs0"],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        r = Running(lab, proc, cfg_path, state_file, pin_dir, log)
+        r.wait("the daemon's first snapshot", lambda s: s["vici_connected"])
+        yield r
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        lab.down()
+        subprocess.run(["umount", str(bpffs)], check=False)
+
+
+def _slot_of(state: dict[str, Any], remote_id: str) -> dict[str, Any]:
+    for slot, info in state["slots"].items():
+        if info["remote_id"] == remote_id:
+            return dict(info, slot=int(slot))
+    raise AssertionError(f"{remote_id} not in {state['slots']}")
+
+
+def test_connect_rekey_disconnect_stop(running: Running) -> None:
+    lab = running.lab
+    gw_ifindex = {
+        name: int(netns.run(["cat", f"/sys/class/net/{name}/ifindex"], netns=running.gw).stdout)
+        for name in ("eth1", "xfs0")
+    }
+    assert running.state()["slots"] == {}
+    assert tc.bpf_filters(gw_ifindex["eth1"], netns=running.gw) == [
+        (tc.DEFAULT_PRIO, "fc_lan_ingress")
+    ]
+    assert tc.bpf_filters(gw_ifindex["xfs0"], netns=running.gw) == [
+        (tc.DEFAULT_PRIO, "fc_tunnel_ingress")
+    ]
+
+    # -- connect: slot, rules, route -------------------------------------------------------
+    lab.connect_all()
+    state = running.wait("two SAs", lambda s: len(s["slots"]) == 2)
+    c1, c2 = (lab.topology.host(n) for n in ("c1", "c2"))
+    s1 = _slot_of(state, "c1@forecast.lab")
+    s2 = _slot_of(state, "c2@forecast.lab")
+    assert s1["virtual_ips"] == [c1.virtual_ip] and s1["reinject"]
+    assert s1["mark_in"] != s2["mark_in"] and s1["slot"] != s2["slot"]
+    assert "224.0.0.0/4" in s1["selectors"]
+    rules = running.rules()
+    for host, s in ((c1, s1), (c2, s2)):
+        mark = f"--set-xmark {s['mark_in']:#x}/0xffffffff"
+        assert any(
+            f"-d {host.virtual_ip}/32" in r and "FORECAST-PRE" in r and mark in r for r in rules
+        ), rules
+        assert any(
+            f"-d {host.virtual_ip}/32" in r and "FORECAST-OUT" in r and mark in r for r in rules
+        ), rules
+        # libipsec forces UDP encapsulation: the inbound rule matches the NAT-T ports.
+        assert any(
+            f"-s {host.wan_addr}/32" in r and "--sport 4500 --dport 4500" in r and mark in r
+            for r in rules
+        ), rules
+        assert re.search(rf"^{re.escape(host.virtual_ip)} dev xfs0 ", running.routes(), re.M)
+
+    # -- status reads the live maps --------------------------------------------------------
+    out = subprocess.run(
+        [sys.executable, "-m", "forecast", "status", "--config", str(running.cfg_path), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["schema"] == 1 and len(doc["sas"]) == 2
+    assert {sa["remote_id"] for sa in doc["sas"]} == {"c1@forecast.lab", "c2@forecast.lab"}
+    assert all(sa["counters"]["lan_to_sa"]["packets"] == 0 for sa in doc["sas"])
+
+    # -- rekey: same slot and mark, new SPI ------------------------------------------------
+    lab.rekey_child("c1")
+    state = running.wait(
+        "c1's new SPI", lambda s: _slot_of(s, "c1@forecast.lab")["spi_in"] != s1["spi_in"]
+    )
+    r1 = _slot_of(state, "c1@forecast.lab")
+    assert (r1["slot"], r1["mark_in"]) == (s1["slot"], s1["mark_in"])
+    assert r1["unique_id"] != s1["unique_id"]
+
+    # -- disconnect c2: its slot, rules and route go ---------------------------------------
+    lab.disconnect("c2")
+    running.wait("c2 gone", lambda s: len(s["slots"]) == 1)
+    assert not any(c2.virtual_ip in r for r in running.rules())
+    assert c2.virtual_ip not in running.routes()
+    assert c1.virtual_ip in running.routes()
+
+    # -- stop: nothing left ----------------------------------------------------------------
+    running.proc.send_signal(signal.SIGTERM)
+    assert running.proc.wait(timeout=30) == 0, running.log.read_text()
+    assert running.rules() == []
+    assert running.routes().strip() == ""
+    assert tc.bpf_filters(gw_ifindex["eth1"], netns=running.gw) == []
+    assert tc.bpf_filters(gw_ifindex["xfs0"], netns=running.gw) == []
+    assert not running.state_file.exists()
+    assert not running.pin_dir.exists() or not any(running.pin_dir.iterdir())
+    # The stand-in was given, not created: the daemon must not have deleted it.
+    netns.run(["ip", "link", "show", "xfs0"], netns=running.gw)
+    log = running.log.read_text()
+    assert "SA added: rw/rw" in log and "SA rekeyed: rw/rw" in log and "SA removed: rw/rw" in log
+    assert os.path.exists(running.lab.topology.gateway.vici_socket)  # charon itself untouched
