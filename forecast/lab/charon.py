@@ -13,6 +13,8 @@ from typing import Any
 
 import vici
 
+from forecast.lab import inspect
+
 CHARON = "/usr/lib/ipsec/charon"
 
 
@@ -157,15 +159,7 @@ class CharonInstance:
     def command(self, name: str, args: dict[str, Any]) -> None:
         """A VICI command that streams log messages (rekey, terminate); raises on failure."""
         try:
-            with self.session() as s:
-                result = getattr(s, name)(args)
-                if (
-                    result is not None
-                    and hasattr(result, "__iter__")
-                    and not isinstance(result, dict)
-                ):
-                    for _log in result:
-                        pass
+            inspect.command(str(self.vici_socket), name, args)
         except Exception as exc:
             raise CharonError(f"{self.name}: {name} {args} failed: {exc}") from exc
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
+from ipaddress import IPv4Address
 from typing import Any
 
 from forecast.lab import inspect, traffic
@@ -36,12 +37,26 @@ def _tag(label: str) -> str:
     return f"{label}-{secrets.token_hex(3)}"
 
 
+def _groups_for(dst: str) -> list[str]:
+    """Receivers join the destination when it is a group, so "nobody got it" means the
+    forwarder held it back, not that nobody listened."""
+    groups = [SSDP_GROUP]
+    if IPv4Address(dst).is_multicast and dst not in groups:
+        groups.append(dst)
+    return groups
+
+
 def _receive_everywhere(
-    topo: Topology, hosts: list[Host], send: Any, tag: str, count: int, expect: dict[str, int]
+    hosts: list[Host], send: Any, tag: str, count: int, expect: dict[str, int], dst: str
 ) -> tuple[bool, dict[str, Any]]:
     """Start receivers on `hosts`, call send(), and compare per-host counts with `expect`
     (host → copies of every packet: 1 = exactly once, 0 = none at all)."""
-    receivers = {h.name: traffic.Receiver(h.netns, SSDP_PORT, [SSDP_GROUP]) for h in hosts}
+    # Started together, then awaited: each is a Python start-up, slow under TCG.
+    receivers = {
+        h.name: traffic.Receiver(h.netns, SSDP_PORT, _groups_for(dst), wait=False) for h in hosts
+    }
+    for r in receivers.values():
+        r.wait_ready()
     try:
         send()
     finally:
@@ -75,7 +90,7 @@ def lan_to_clients(
         traffic.send(lan.netns, dst, SSDP_PORT, tag, count, iface="eth0")
 
     ok, detail = _receive_everywhere(
-        topo, topo.clients, send, tag, count, dict.fromkeys(expect_clients, 1)
+        topo.clients, send, tag, count, dict.fromkeys(expect_clients, 1), dst
     )
     return CheckResult(
         f"LAN -> {dst} reaches {sorted(expect_clients) or 'no client'} once", ok, detail
@@ -99,7 +114,7 @@ def client_to_others(
         traffic.send(src.netns, dst, SSDP_PORT, tag, count, src=src.virtual_ip, iface="eth0")
 
     expect = dict.fromkeys(expect_clients, 1) | ({"lan": 1} if expect_lan else {})
-    ok, detail = _receive_everywhere(topo, [*topo.clients, topo.lan_host], send, tag, count, expect)
+    ok, detail = _receive_everywhere([*topo.clients, topo.lan_host], send, tag, count, expect, dst)
     who = sorted(expect_clients) + (["lan"] if expect_lan else [])
     return CheckResult(f"{origin} -> {dst} reaches {who} once, no echo", ok, detail)
 

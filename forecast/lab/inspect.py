@@ -41,3 +41,16 @@ def esp_packets(vici_socket: str) -> dict[str, tuple[int, int]]:
         c["uniqueid"]: (int(c.get("packets-in", 0)), int(c.get("packets-out", 0)))
         for c in child_sas(vici_socket)
     }
+
+
+def command(vici_socket: str, name: str, args: dict[str, Any]) -> None:
+    """Run a VICI command (rekey, terminate, initiate) to completion; raises on failure."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(vici_socket)
+    try:
+        result = getattr(vici.Session(sock), name)(args)
+        if result is not None and not isinstance(result, dict):
+            for _log in result:  # streamed log messages; the command ends with the stream
+                pass
+    finally:
+        sock.close()

@@ -147,7 +147,13 @@ class Receiver:
     """A receiver in a namespace; `stop()` returns what it counted."""
 
     def __init__(
-        self, netns: str, port: int, groups: list[str], iface: str = "eth0", seconds: float = 60.0
+        self,
+        netns: str,
+        port: int,
+        groups: list[str],
+        iface: str = "eth0",
+        seconds: float = 60.0,
+        wait: bool = True,
     ) -> None:
         argv = [
             "ip",
@@ -171,12 +177,21 @@ class Receiver:
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        self._ready = False
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until the receiver has joined its groups and listens."""
+        if self._ready:
+            return
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().strip()
         if line != "READY":
             err = self.proc.stderr.read() if self.proc.stderr else ""
             self.proc.kill()
-            raise RuntimeError(f"receiver in {netns} did not start: {line} {err}")
+            raise RuntimeError(f"receiver in {self.netns} did not start: {line} {err}")
+        self._ready = True
 
     def stop(self) -> Received:
         self.proc.send_signal(signal.SIGTERM)
