@@ -37,7 +37,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 demo: setup
-	$(VENV)/bin/forecast-bpf lab demo --reference-plugin --clients $(CLIENTS) --kernel $(KERNEL)
+	$(VENV)/bin/forecast-bpf lab demo --clients $(CLIENTS) --kernel $(KERNEL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -95,8 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lab_topology_args(run)
     run.add_argument("script")
     run.add_argument("args", nargs=argparse.REMAINDER)
-    demo = lab_sub.add_parser("demo", help="tunnels up, strongSwan's plugin scenario, results")
+    demo = lab_sub.add_parser(
+        "demo", help="tunnels up, forecast-bpf forwarding (or --reference-plugin), results"
+    )
     _add_lab_topology_args(demo)
+    demo.set_defaults(gateway_mode="forecast-bpf")
     up = lab_sub.add_parser("up", help="bring a lab up and leave it running (in the VM if needed)")
     _add_lab_topology_args(up)
     down = lab_sub.add_parser("down", help="tear down a lab brought up with `lab up`")

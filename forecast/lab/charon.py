@@ -13,7 +13,7 @@ from typing import Any
 
 import vici
 
-from forecast.lab import inspect
+from forecast.lab import ipsec_state
 
 CHARON = "/usr/lib/ipsec/charon"
 
@@ -159,7 +159,7 @@ class CharonInstance:
     def command(self, name: str, args: dict[str, Any]) -> None:
         """A VICI command that streams log messages (rekey, terminate); raises on failure."""
         try:
-            inspect.command(str(self.vici_socket), name, args)
+            ipsec_state.command(str(self.vici_socket), name, args)
         except Exception as exc:
             raise CharonError(f"{self.name}: {name} {args} failed: {exc}") from exc
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
-from forecast.lab import inspect, traffic
+from forecast.lab import ipsec_state, traffic
 from forecast.lab.topology import Host, Topology
 
 SSDP_GROUP = "239.255.255.250"
@@ -122,7 +122,7 @@ def client_to_others(
 def unicast(topo: Topology, count: int = 3) -> CheckResult:
     """Ping VIP <-> LAN host for every client; the gateway's ESP counters of each SA must rise."""
     gw_socket = topo.gateway.vici_socket
-    before = inspect.esp_packets(gw_socket)
+    before = ipsec_state.esp_packets(gw_socket)
     detail: dict[str, Any] = {}
     ok = True
     for c in topo.clients:
@@ -130,7 +130,7 @@ def unicast(topo: Topology, count: int = 3) -> CheckResult:
         from_lan = traffic.ping(topo.lan_host.netns, c.virtual_ip, count)
         detail[c.name] = {"vip": c.virtual_ip, "ping_to_lan": to_lan, "ping_from_lan": from_lan}
         ok &= to_lan and from_lan
-    after = inspect.esp_packets(gw_socket)
+    after = ipsec_state.esp_packets(gw_socket)
     for uid, (pin, pout) in after.items():
         b_in, b_out = before.get(uid, (0, 0))
         rose = pin - b_in >= 2 * count and pout - b_out >= 2 * count

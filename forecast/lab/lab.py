@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forecast.lab import conns, inspect, netns
+from forecast.lab import conns, ipsec_state, netns
 from forecast.lab.charon import CharonInstance
 from forecast.lab.conns import GatewayMode
 from forecast.lab.topology import Topology
@@ -146,14 +146,14 @@ class Lab:
         self.charons[client].command("terminate", {"ike": conns.CLIENT_CONN, "timeout": 5000})
 
     def virtual_ip(self, client: str) -> str:
-        for child in inspect.child_sas(str(self.charons[client].vici_socket)):
+        for child in ipsec_state.child_sas(str(self.charons[client].vici_socket)):
             if child["local-vips"]:
                 return child["local-vips"].split()[0]
         raise RuntimeError(f"{client} has no virtual IP after connecting")
 
     # -- inspection -------------------------------------------------------------------------
     def child_sas(self, host: str = "gw") -> list[dict[str, str]]:
-        return inspect.child_sas(str(self.charons[host].vici_socket))
+        return ipsec_state.child_sas(str(self.charons[host].vici_socket))
 
     # -- scripts ----------------------------------------------------------------------------
     def run_script(self, script: str, args: list[str] | None = None, timeout: float = 1800) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from forecast.lab import inspect, netns, runner
+from forecast.lab import ipsec_state, netns, runner
 from forecast.lab.charon import CharonError
 from forecast.lab.conns import GatewayMode
 from forecast.lab.lab import Lab, LabOptions
@@ -35,7 +35,7 @@ def test_three_clients_connect_with_unique_marks_and_pool_addresses(run_prefix: 
         assert sorted(c["remote-vips"] for c in children) == vips
         assert all("224.0.0.0/4" in c["remote-ts"] for c in children)
         # The client side sees the same SA from its own charon.
-        c1 = inspect.child_sas(lab.topology.clients[0].vici_socket)
+        c1 = ipsec_state.child_sas(lab.topology.clients[0].vici_socket)
         assert len(c1) == 1 and c1[0]["local-vips"] == lab.topology.clients[0].virtual_ip
     assert not netns.list_with_prefix(opts.prefix)
     assert not _pids_alive(pids), "charons outlived the lab"

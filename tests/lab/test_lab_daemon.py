@@ -19,7 +19,7 @@ def test_daemon_two_clients_with_reinject(lab: LabRunner) -> None:
         "daemon.py", "--gateway-mode", "forecast-bpf", "--clients", "2", script_args=("reinject",)
     )
     _all_ok(run)
-    assert len(run.results) == 13
+    assert len(run.results) == 14
     c1 = run.result("c1 -> 239.255.255.250")["detail"]
     assert c1["c2"]["received"] == c1["lan"]["received"] == COUNT and c1["c1"]["received"] == 0
     assert all(v["received"] == 0 for v in run.result("LAN -> 239.1.2.3")["detail"].values())

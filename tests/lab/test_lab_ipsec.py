@@ -61,7 +61,7 @@ def test_reference_plugin_sends_broadcast_only_where_negotiated(lab: LabRunner) 
 def test_seed_gateway_without_a_forwarder_forwards_nothing(lab: LabRunner) -> None:
     # The same topology without the plugin: the scenario must fail, or the reference test above
     # could pass on something other than the plugin.
-    run = lab.script("reference.py", "--clients", "2")
+    run = lab.script("reference.py", "--clients", "2", script_args=("lan-multicast-only",))
     assert run.rc == 1, run.output
     mc = run.result("LAN -> 239.255.255.250")
     assert not mc["ok"]
@@ -69,10 +69,13 @@ def test_seed_gateway_without_a_forwarder_forwards_nothing(lab: LabRunner) -> No
 
 
 def test_demo_with_three_clients(lab: LabRunner) -> None:
-    run = lab.lab("demo", "--reference-plugin", "--clients", "3")
+    """What `make demo` runs: forecast-bpf's daemon forwarding, its status, a clean stop."""
+    run = lab.lab("demo", "--clients", "3")
     assert run.rc == 0, run.output
     assert re.search(r"tunnels up in [\d.]+ s: c1=10\.1\.0\.\d+, c2=.*, c3=", run.output)
     assert "4 passed, 0 failed" in run.output
+    assert "$ forecast-bpf status" in run.output and "c3@forecast.lab" in run.output
+    assert "daemon stopped: no rule, route, filter, interface or pin left behind" in run.output
 
 
 def test_forecast_bpf_mode_sets_if_id_and_inbound_mark(lab: LabRunner) -> None:
