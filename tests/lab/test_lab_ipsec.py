@@ -13,23 +13,18 @@ from tests.lab.conftest import LabRunner
 COUNT = 20  # checks.DEFAULT_COUNT packets per sender
 
 
-def test_two_clients_unicast_over_real_esp(lab: LabRunner) -> None:
-    # The seed's policies carry marks, so forwarded unicast needs MARK rules: the reference
-    # plugin installs them here (forecast-bpf's daemon will, in its own mode).
-    run = lab.script("unicast.py", "--reference-plugin", "--clients", "2")
-    assert run.rc == 0, run.output
-    detail = run.result("unicast")["detail"]
-    for client in ("c1", "c2"):
-        assert detail[client]["ping_to_lan"] and detail[client]["ping_from_lan"], detail
-    sas = [v for k, v in detail.items() if k.startswith("sa")]
-    assert len(sas) == 2
-    # 3 pings each way per client: at least 6 ESP packets in and out of every SA.
-    assert all(sa["esp_in"] >= 6 and sa["esp_out"] >= 6 for sa in sas), sas
-
-
 def test_reference_plugin_forwards_exactly_once(lab: LabRunner) -> None:
     run = lab.script("reference.py", "--reference-plugin", "--clients", "2")
     assert run.rc == 0, run.output
+    # Two clients with real ESP: ping VIP <-> LAN host both ways, gateway SA counters rise.
+    # (The seed's policies carry marks, so forwarded unicast needs MARK rules: the plugin's.)
+    unicast = run.result("unicast")["detail"]
+    for client in ("c1", "c2"):
+        assert unicast[client]["ping_to_lan"] and unicast[client]["ping_from_lan"], unicast
+    sas = [v for k, v in unicast.items() if k.startswith("sa")]
+    assert len(sas) == 2
+    # 3 pings each way per client: at least 6 ESP packets in and out of every SA.
+    assert all(sa["esp_in"] >= 6 and sa["esp_out"] >= 6 for sa in sas), sas
     mc = run.result("LAN -> 239.255.255.250")["detail"]
     bc = run.result("LAN -> 10.1.255.255")["detail"]
     for client in ("c1", "c2"):
@@ -68,13 +63,13 @@ def test_seed_gateway_without_a_forwarder_forwards_nothing(lab: LabRunner) -> No
     assert all(v["received"] == 0 for v in mc["detail"].values())
 
 
-def test_demo_with_three_clients(lab: LabRunner) -> None:
+def test_demo(lab: LabRunner) -> None:
     """What `make demo` runs: forecast-bpf's daemon forwarding, its status, a clean stop."""
-    run = lab.lab("demo", "--clients", "3")
+    run = lab.lab("demo", "--clients", "2")
     assert run.rc == 0, run.output
-    assert re.search(r"tunnels up in [\d.]+ s: c1=10\.1\.0\.\d+, c2=.*, c3=", run.output)
+    assert re.search(r"tunnels up in [\d.]+ s: c1=10\.1\.0\.\d+, c2=10\.1\.0\.\d+", run.output)
     assert "4 passed, 0 failed" in run.output
-    assert "$ forecast-bpf status" in run.output and "c3@forecast.lab" in run.output
+    assert "$ forecast-bpf status" in run.output and "c2@forecast.lab" in run.output
     assert "daemon stopped: no rule, route, filter, interface or pin left behind" in run.output
 
 
@@ -90,12 +85,6 @@ def test_forecast_bpf_mode_sets_if_id_and_inbound_mark(lab: LabRunner) -> None:
     assert "if_id 0x2a" in policies and "mark 0x" in policies
 
 
-def test_script_exit_code_and_environment(lab: LabRunner) -> None:
-    run = lab.script("exit_code.sh", "--clients", "2", script_args=("3",))
-    assert run.rc == 3, run.output
-    assert "10.1.0.1/16" in run.output
-
-
 def test_reference_plugin_on_kernel_6_12(lab_612: LabRunner) -> None:
     run = lab_612.script("reference.py", "--reference-plugin", "--clients", "2")
     assert run.rc == 0, run.output
@@ -107,7 +96,11 @@ def test_operator_lab_run_boots_its_own_vm(tmp_path: Path) -> None:
     script from a guest-private path, and returns the script's exit code."""
     script = tmp_path / "mine.sh"
     script.write_text(
-        '#!/bin/sh\necho "clients=$FORECAST_LAB_CLIENTS kernel=$(uname -r)"\nexit 5\n'
+        "#!/bin/sh\n"
+        'echo "clients=$FORECAST_LAB_CLIENTS kernel=$(uname -r)"\n'
+        'test -S "$FORECAST_LAB_GW_VICI_SOCKET" || exit 11\n'
+        'ip -br addr show dev "$FORECAST_LAB_GW_LAN_IF"\n'
+        "exit 5\n"
     )
     script.chmod(0o755)
     proc = subprocess.run(
@@ -118,4 +111,5 @@ def test_operator_lab_run_boots_its_own_vm(tmp_path: Path) -> None:
     )
     assert proc.returncode == 5, proc.stdout + proc.stderr
     assert "clients=c1 kernel=" in proc.stdout
+    assert "10.1.0.1/16" in proc.stdout  # ran in the gateway's namespace
     assert re.search(r"lab: .*(running directly|booting the lab kernel)", proc.stderr)
