@@ -1,4 +1,4 @@
-"""Recorded VICI payloads from charon 5.9.8 (../shared/fixtures/vici-5.9.8, INDEX.md)."""
+"""Recorded VICI payloads from charon 5.9.8 (tests/fixtures/vici-5.9.8, INDEX.md)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SHARED
+from tests.conftest import FIXTURES as ALL_FIXTURES
 
-FIXTURES = SHARED / "fixtures" / "vici-5.9.8"
+FIXTURES = ALL_FIXTURES / "vici-5.9.8"
 
 
 def _as_vici(value: Any) -> Any:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from forecast import config, desired, layout, netfilter
 from forecast.sa import ChildSa, SaTable
-from tests.conftest import SHARED
+from tests.conftest import FIXTURES
 from tests.unit.conftest import load_events
 
 CFG = config.parse({"reinject": ["rw"], "xfrm": {"if_id": 42}})
 BCAST = IPv4Address("10.1.255.255")
-RULES = SHARED / "fixtures" / "forecast-plugin-rules"
+RULES = FIXTURES / "forecast-plugin-rules"
 
 
 def _children(fixtures_dir: Path, upto: str, if_id: int = 42) -> list[ChildSa]:
