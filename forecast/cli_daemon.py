@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import IO
 
 from forecast import check, config, status
 from forecast.bpf_build import BuildError
@@ -30,6 +33,25 @@ def _config(args: argparse.Namespace) -> config.Config:
     return config.load(Path(args.config))
 
 
+def _single_instance(path: Path) -> IO[str] | str:
+    """Hold an exclusive lock for the daemon's lifetime; a second daemon would share the pinned
+    maps and replace the first one's filters. Returns the open lock file, or why not."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = path.open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        return f"another forecast-bpf daemon is running (pid {holder}, lock {path})"
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def run(args: argparse.Namespace) -> int:
     from forecast.daemon import Daemon
 
@@ -42,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         format="forecast-bpf: %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    lock = _single_instance(cfg.state_file.with_suffix(".lock"))
+    if isinstance(lock, str):
+        return _fail(lock)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,0 +1,49 @@
+"""What the control plane writes into the maps, byte for byte, and what it refuses."""
+
+from __future__ import annotations
+
+import ctypes
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from forecast import layout
+from forecast.datapath import DatapathConfig, DatapathError, SaEntry, encode_config, encode_sa
+
+MC = IPv4Network("224.0.0.0/4")
+
+
+def test_sa_selectors_are_network_order_address_and_mask() -> None:
+    sa = encode_sa(SaEntry(0x2, 0x3, (IPv4Network("10.1.255.255/32"), MC), reinject=True))
+    assert sa.flags == layout.FC_SA_ACTIVE | layout.FC_SA_REINJECT
+    assert (sa.mark_out, sa.mark_in, sa.n_ts) == (2, 3, 2)
+    assert bytes(ctypes.c_uint32(sa.ts[0].addr)) == bytes([10, 1, 255, 255])
+    assert bytes(ctypes.c_uint32(sa.ts[0].mask)) == bytes([255, 255, 255, 255])
+    assert bytes(ctypes.c_uint32(sa.ts[1].mask)) == bytes([240, 0, 0, 0])
+    everything = encode_sa(SaEntry(1, 1, (IPv4Network("0.0.0.0/0"),)))
+    assert everything.ts[0].mask == 0  # matches every destination, as the C side expects
+
+
+def test_sa_limits() -> None:
+    too_many = tuple(IPv4Network(f"239.0.{i}.0/24") for i in range(layout.FC_MAX_TS + 1))
+    with pytest.raises(DatapathError, match=f"at most {layout.FC_MAX_TS} per SA"):
+        encode_sa(SaEntry(1, 1, too_many))
+    with pytest.raises(DatapathError, match="non-zero in and out marks"):
+        encode_sa(SaEntry(0, 1, (MC,)))
+
+
+def test_config_encoding_and_refusals() -> None:
+    cfg = DatapathConfig(
+        xfrm_ifindex=7,
+        lan_ifindex=3,
+        lan_mac=bytes.fromhex("020000000001"),
+        lan_broadcast=IPv4Address("10.1.255.255"),
+        groups=(IPv4Address("239.255.255.250"),),
+    )
+    out = encode_config(cfg)
+    assert (out.xfrm_ifindex, out.lan_ifindex, out.n_groups) == (7, 3, 1)
+    assert bytes(out.lan_mac) == bytes.fromhex("020000000001")
+    with pytest.raises(DatapathError, match="is not an IPv4 multicast address"):
+        encode_config(DatapathConfig(7, 3, bytes(6), None, (IPv4Address("10.0.0.1"),)))
+    with pytest.raises(DatapathError, match="LAN MAC must be 6 bytes"):
+        encode_config(DatapathConfig(7, 3, bytes(4), None, ()))
