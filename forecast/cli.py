@@ -22,6 +22,16 @@ def _positive_clients(text: str) -> int:
     return value
 
 
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--interval takes seconds, got {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError("--interval must be 0.1..3600 seconds")
+    return value
+
+
 def _if_id(text: str) -> int:
     try:
         value = int(text, 0)
@@ -88,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", default=str(DEFAULT_PATH), help=f"({DEFAULT_PATH})")
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable (schema 1)")
+            p.add_argument(
+                "--watch",
+                action="store_true",
+                help="refresh in place like top, with rates per second",
+            )
+            p.add_argument(
+                "--interval",
+                type=_interval,
+                default=1.0,
+                help="seconds between --watch refreshes (1)",
+            )
 
     lab = sub.add_parser("lab", help="try it in a lab with real strongSwan and real IPsec")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True)

@@ -110,6 +110,8 @@ def run_check(args: argparse.Namespace) -> int:
 def run_status(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
+        if args.watch:
+            return status.watch(cfg.state_file, args.interval, sys.stdout)
         snap = status.read(cfg.state_file)
     except ConfigError as exc:
         return _fail(str(exc))

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from ipaddress import IPv4Network
 from pathlib import Path
+from typing import Any
 
-from forecast import bpf_build, desired, links, netfilter, tc
+from forecast import bpf_build, desired, links, metrics, netfilter, tc
 from forecast.config import Config
 from forecast.datapath import Datapath, DatapathConfig, SaEntry
-from forecast.sa import PayloadError, SaTable
+from forecast.sa import Change, PayloadError, SaTable
+from forecast.sdnotify import Notifier
 from forecast.vici_source import BACKOFF_S, EventStream, ViciUnavailable, list_sas
 
 RESYNC_S = 30.0  # a fresh snapshot this often: any missed event is repaired within it
@@ -36,6 +38,7 @@ class Health:
     sync_errors: int = 0
     snapshots: int = 0
     started: float = field(default_factory=time.time)
+    changes: dict[str, int] = field(default_factory=dict)  # kind → count, for churn
 
 
 class Daemon:
@@ -58,6 +61,8 @@ class Daemon:
         self.routes_applied: set[IPv4Network] = set()
         self.reported: set[str] = set()
         self.last_desired = desired.Desired()
+        self.notifier = Notifier()
+        self.metrics_server: Any = None
 
     # -- set-up -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -114,6 +119,13 @@ class Daemon:
             )
             self.rules.apply([])
             self.rules_applied = []
+            try:
+                _thread, self.metrics_server = metrics.serve(self, cfg.metrics_address)
+            except OSError as exc:
+                raise links.LinkError(
+                    f"metrics_address {cfg.metrics_address}: {exc.strerror or exc}"
+                ) from None
+            log.info("metrics on http://%s/metrics", cfg.metrics_address)
         except BaseException:
             self.teardown()
             raise
@@ -193,9 +205,14 @@ class Daemon:
         os.replace(tmp, path)
 
     # -- the loop ---------------------------------------------------------------------------
-    def _apply_changes(self, changes: list) -> None:  # type: ignore[type-arg]
+    def _apply_changes(self, changes: list[Change]) -> None:
         for change in changes:
             log.info("%s", change.line())
+            self.health.changes[change.kind] = self.health.changes.get(change.kind, 0) + 1
+
+    def _status_line(self) -> str:
+        vici = "VICI connected" if self.health.vici_connected else "VICI disconnected"
+        return f"{len(self.last_desired.slots)} SAs forwarded, {vici}"
 
     def serve(self, stop: threading.Event, on_ready: Callable[[], None] | None = None) -> None:
         """Follow strongSwan until `stop` is set; reconnect with back-off when it goes away."""
@@ -210,16 +227,23 @@ class Daemon:
                 if attempt:
                     log.info("VICI reconnected: %d SAs in the snapshot", len(self.table))
                 attempt = 0
+                self.health.last_event = time.time()
                 self._apply_changes(changes)
                 self.reconcile()
-                if not ready_sent and on_ready:
-                    on_ready()
+                if not ready_sent:
+                    # Programs attached and the snapshot applied: now, and only now, ready.
+                    self.notifier.ready(self._status_line())
+                    if on_ready:
+                        on_ready()
                     ready_sent = True
+                else:
+                    self.notifier.status(self._status_line())
                 last_sync = time.monotonic()
                 for label, msg in stream:
                     if stop.is_set():
                         break
                     now = time.monotonic()
+                    self.notifier.tick(now)
                     changes = []
                     if label is not None:
                         self.health.last_event = time.time()
@@ -238,6 +262,7 @@ class Daemon:
                     if changes:
                         self._apply_changes(changes)
                         self.reconcile()
+                        self.notifier.status(self._status_line())
             except ViciUnavailable as exc:
                 self.health.vici_connected = False
                 delay = BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)]
@@ -245,7 +270,11 @@ class Daemon:
                 log.warning("%s; retrying in %.1f s", exc, delay)
                 if self.datapath is not None:
                     self.write_state()
-                stop.wait(delay)
+                self.notifier.status(f"{exc}; retrying")
+                deadline = time.monotonic() + delay
+                while not stop.is_set() and time.monotonic() < deadline:
+                    self.notifier.tick()
+                    stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
             finally:
                 if stream is not None:
                     stream.close()
@@ -259,10 +288,14 @@ class Daemon:
 
     def teardown(self) -> None:
         """Remove everything this daemon created; safe after a partial set-up."""
+        self.notifier.stopping()
         steps: list[tuple[str, Callable[[], object]]] = [
             (f"tc filter on ifindex {index}", partial(tc.detach, index))
             for index in reversed(self.attached)
         ]
+        if self.metrics_server is not None:
+            server = self.metrics_server
+            steps.append(("metrics server", lambda: (server.shutdown(), server.server_close())))
         if self.rules is not None:
             steps.append(("MARK chains", self.rules.remove))
         if self.xfrm is not None:
@@ -282,5 +315,5 @@ class Daemon:
             except Exception as exc:  # keep going: leave as little behind as possible
                 log.error("teardown: %s: %s", what, exc)
         self.attached.clear()
-        self.rules = self.groups = self.datapath = None
+        self.rules = self.groups = self.datapath = self.metrics_server = None
         self.xfrm = self._xfrm_given

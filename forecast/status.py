@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,35 +82,69 @@ def read(state_file: Path) -> Snapshot:
     )
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
-            return f"{n}{unit}"
-        n //= 1000
-    return f"{n}P"
+            return f"{n:.0f}{unit}" if unit == "" or n >= 100 else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}P"
 
 
-def render_table(snap: Snapshot) -> str:
+def _cell(sa_or_totals: dict[str, Any], key: str, rates: dict[str, float] | None) -> str:
+    c = sa_or_totals[key]
+    total = f"{_human(c['packets'])}/{_human(c['bytes'])}B"
+    if rates is None:
+        return total
+    return f"{_human(rates.get(key, 0.0))}/s {total}"
+
+
+def rates_between(
+    old: Snapshot | None, new: Snapshot, seconds: float
+) -> dict[str, dict[str, float]]:
+    """Packets per second per SA (by unique id) and direction; 'total' for the sums."""
+    out: dict[str, dict[str, float]] = {}
+    if old is None or seconds <= 0:
+        return out
+    before = {str(sa["slot"]) + ":" + str(sa["mark_in"]): sa for sa in old.sas}
+    for sa in new.sas:
+        prev = before.get(str(sa["slot"]) + ":" + str(sa["mark_in"]))
+        if prev is None:
+            continue
+        out[str(sa["unique_id"])] = {
+            k: max(0.0, (sa["counters"][k]["packets"] - prev["counters"][k]["packets"]) / seconds)
+            for k in DIRECTION_KEYS.values()
+        }
+    out["total"] = {
+        k: sum(r[k] for key, r in out.items() if key != "total") for k in DIRECTION_KEYS.values()
+    }
+    return out
+
+
+def render_table(snap: Snapshot, rates: dict[str, dict[str, float]] | None = None) -> str:
+    w = 22 if rates is not None else 14
     head = (
-        f"{'SLOT':>4}  {'CONN/CHILD':<14} {'ID':>4}  {'REMOTE':<22} {'VIRTUAL IP':<15} "
-        f"{'MARK':>6}  {'SPI-IN':<8}  {'LAN>SA pk/B':>12}  {'SA>LAN pk/B':>12}  "
-        f"{'SA>SA pk/B':>12}"
+        f"{'SLOT':>4}  {'CONN/CHILD':<12} {'ID':>4}  {'REMOTE':<18} {'VIRTUAL IP':<15} "
+        f"{'MARK':>6}  {'SPI IN/OUT':<17}  {'LAN>SA':>{w}}  {'SA>LAN':>{w}}  "
+        f"{'SA>SA':>{w}}"
     )
     lines = [head]
     for sa in snap.sas:
-        c = sa["counters"]
-        cell = {k: f"{_human(v['packets'])}/{_human(v['bytes'])}" for k, v in c.items()}
+        r = rates.get(str(sa["unique_id"])) if rates is not None else None
+        r = r if r is not None or rates is None else {}
         lines.append(
-            f"{sa['slot']:>4}  {sa['ike'] + '/' + sa['child']:<14} {sa['unique_id']:>4}  "
-            f"{sa['remote_id'][:22]:<22} {(sa['virtual_ips'] or ['-'])[0]:<15} "
-            f"{sa['mark_in']:>#6x}  {sa['spi_in']:<8}  {cell['lan_to_sa']:>12}  "
-            f"{cell['sa_to_lan']:>12}  {cell['sa_to_sa']:>12}"
+            f"{sa['slot']:>4}  {(sa['ike'] + '/' + sa['child'])[:12]:<12} {sa['unique_id']:>4}  "
+            f"{sa['remote_id'][:18]:<18} {(sa['virtual_ips'] or ['-'])[0]:<15} "
+            f"{sa['mark_in']:>#6x}  {sa['spi_in'] + '/' + sa['spi_out']:<17}  "
+            + "  ".join(
+                f"{_cell(sa['counters'], k, r):>{w}}"
+                for k in ("lan_to_sa", "sa_to_lan", "sa_to_sa")
+            )
         )
-    t = snap.doc["totals"]
+    totals_rates = rates.get("total", {}) if rates is not None else None
     lines.append(
-        f"{'':>4}  {'total':<14} {len(snap.sas):>4}  {'':<22} {'':<15} {'':>6}  {'':<8}  "
+        f"{'':>4}  {'total':<12} {len(snap.sas):>4}  {'':<18} {'':<15} {'':>6}  {'':<17}  "
         + "  ".join(
-            f"{_human(t[k]['packets']) + '/' + _human(t[k]['bytes']):>12}"
+            f"{_cell(snap.doc['totals'], k, totals_rates):>{w}}"
             for k in ("lan_to_sa", "sa_to_lan", "sa_to_sa")
         )
     )
@@ -124,3 +159,37 @@ def render_table(snap: Snapshot) -> str:
     for uid, reason in snap.doc["ignored"].items():
         lines.append(f"ignored SA #{uid}: {reason}")
     return "\n".join(lines)
+
+
+CLEAR = "\x1b[H\x1b[2J"
+
+
+def watch(state_file: Path, interval: float, out: Any, iterations: int | None = None) -> int:
+    """Refresh in place like top until interrupted; rates are per second since the last
+    refresh. Returns 0 on Ctrl-C, 3 when the daemon goes away."""
+    previous: Snapshot | None = None
+    last = 0.0
+    n = 0
+    try:
+        while iterations is None or n < iterations:
+            now = time.monotonic()
+            try:
+                snap = read(state_file)
+            except NotRunning as exc:
+                out.write(f"\n{exc}\n")
+                out.flush()
+                return 3
+            rates = rates_between(previous, snap, now - last)
+            stamp = time.strftime("%H:%M:%S")
+            out.write(
+                f"{CLEAR}forecast-bpf status  {stamp}  every {interval:g} s  "
+                f"(Ctrl-C to quit)\n\n{render_table(snap, rates)}\n"
+            )
+            out.flush()
+            previous, last = snap, now
+            n += 1
+            if iterations is None or n < iterations:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        out.write("\n")
+    return 0
