@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from forecast.lab import netns
+from tests.kernel.daemon_fixture import running  # noqa: F401  (a fixture, used by name)
 
 NEEDED_TOOLS = ("ip", "iptables", "ethtool", "/usr/lib/ipsec/charon")
 
