@@ -8,7 +8,7 @@ SETUP    := $(CURDIR)/scripts/setup.sh
 KERNEL   ?= 6.1
 CLIENTS  ?= 2
 
-.PHONY: setup venv test test-unit test-kernel test-lab lint demo bench clean
+.PHONY: setup venv test test-unit test-kernel test-lab lint demo docs-images bench clean
 
 setup:
 	@bash $(SETUP)
@@ -38,6 +38,13 @@ lint: venv
 
 demo: setup
 	$(VENV)/bin/forecast-bpf lab demo --clients $(CLIENTS) --kernel $(KERNEL)
+
+# The README's pictures, from a real run: the observability tests capture the tmux screen and
+# Prometheus' range data, then scripts/render_docs.py draws them (Debian's matplotlib).
+docs-images: setup
+	rm -rf build/docs-data
+	FORECAST_DOCS_OUT=$(CURDIR)/build/docs-data $(PYTEST) -q tests/kernel/test_observability.py
+	$(PY) scripts/render_docs.py build/docs-data docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

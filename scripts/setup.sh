@@ -21,7 +21,7 @@ system_packages=(
   python3 python3-venv python3-bpfcc bpfcc-tools
   iproute2 iputils-ping iptables nftables ethtool tcpdump kmod socat
   qemu-system-x86 busybox-static cpio xz-utils zstd
-  tmux vagrant make
+  tmux vagrant make prometheus python3-matplotlib
 )
 
 log() { printf 'setup: %s\n' "$*" >&2; }
@@ -57,13 +57,25 @@ install_system() {
   command -v python3 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install "${apt_opts[@]}" python3
   add_backports_source
   apt-get -q -o DPkg::Lock::Timeout=600 update >/dev/null
+  local new_services="" pkg
+  for pkg in strongswan-charon:strongswan-starter.service prometheus:prometheus.service; do
+    if ! dpkg-query -W -f='${Status}' "${pkg%%:*}" 2>/dev/null | grep -q "install ok installed"; then
+      new_services="$new_services ${pkg#*:}"
+    fi
+  done
   log "installing ${#system_packages[@]} packages and lab kernels $lab_kernel_61, $lab_kernel_612"
   DEBIAN_FRONTEND=noninteractive apt-get install "${apt_opts[@]}" "${system_packages[@]}" \
     "linux-image-$lab_kernel_61" "linux-headers-$lab_kernel_61"
   DEBIAN_FRONTEND=noninteractive apt-get install "${apt_opts[@]}" -t "$(. /etc/os-release && echo "$VERSION_CODENAME")-backports" \
     "linux-image-$lab_kernel_612" "linux-headers-$lab_kernel_612"
-  # strongSwan's units must not start a charon on the host: each lab/test instance is our own.
-  systemctl disable --now strongswan-starter.service strongswan.service >/dev/null 2>&1 || true
+  # Debian starts packaged services. Stop the ones this run newly installed (the lab and the
+  # tests run their own charons and Prometheus); never touch a service the machine already
+  # had: on an operator's gateway that would be their VPN or their monitoring.
+  local unit
+  for unit in $new_services; do
+    log "disabling $unit (installed just now; the lab runs its own)"
+    systemctl disable --now "$unit" >/dev/null 2>&1 || true
+  done
   want_stamp >"$stamp_dir/system.stamp"
 }
 

@@ -23,7 +23,10 @@ def _sh(*argv: str) -> str:
 
 
 class LabDaemon:
-    def __init__(self, topo: Topology, *, reinject: bool, groups: list[str] | None = None) -> None:
+    def __init__(
+        self, topo: Topology, *, reinject: list[str], groups: list[str] | None = None
+    ) -> None:
+        """reinject: CHILD_SA config names whose clients get other clients' multicast."""
         self.topo = topo
         self.work = Path(f"/tmp/{topo.prefix}-daemon")
         self.work.mkdir(exist_ok=True)
@@ -32,7 +35,7 @@ class LabDaemon:
         self.log = self.work / "daemon.log"
         lines = [
             f"interface: {topo.gw_lan_if}",
-            f"reinject: {'[rw]' if reinject else '[]'}",
+            f"reinject: [{', '.join(reinject)}]",
             f"xfrm: {{name: {XFRM_NAME}, if_id: {topo.extra['if_id']}, dev: {topo.gw_wan_if}}}",
             f"vici_socket: {topo.gateway.vici_socket}",
             f"state_file: {self.state_file}",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from forecast.lab import checks, ipsec_state
+from forecast.lab import checks, conns, ipsec_state
 from forecast.lab.checks import CheckResult
 from forecast.lab.daemon_run import LabDaemon
 from forecast.lab.topology import Topology
@@ -51,7 +51,7 @@ def main() -> int:
     if mode == "reference-plugin":
         print(f"\nscenario (strongSwan's forecast plugin, kernel {os.uname().release}):")
         return _print_results(scenario(topo))
-    daemon = LabDaemon(topo, reinject=True)
+    daemon = LabDaemon(topo, reinject=[conns.GATEWAY_CHILD, conns.GATEWAY_CHILD_NO_BROADCAST])
     try:
         seconds = daemon.start()
         print(

@@ -1,7 +1,9 @@
 """Lab script: forecast-bpf's daemon instead of strongSwan's plugin, real XFRM and ESP.
 
-Run in a lab with --gateway-mode forecast-bpf. Arguments: `reinject` or `no-reinject`.
-Prints one RESULT line per check; exits 1 if any failed.
+Run in a lab with --gateway-mode forecast-bpf. Arguments: the CHILD_SA config names to put in
+`reinject` (none: no reinjection). Reinjection is decided per target's config, so a lab with
+`--no-broadcast c3` and `rw-nobcast` here tests both sides at once: c3 gets other clients'
+multicast, the clients on `rw` do not. Prints one RESULT line per check; exits 1 on failure.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from forecast.lab.daemon_run import LabDaemon
 from forecast.lab.topology import Topology
 
 topo = Topology.load(os.environ["FORECAST_LAB_TOPOLOGY"])
-REINJECT = sys.argv[1:] == ["reinject"]
+REINJECT = sys.argv[1:]
 NOT_A_GROUP = "239.1.2.3"  # receivers join it; the daemon must not forward it
 results: list[CheckResult] = []
 
@@ -59,7 +61,12 @@ try:
     report(checks.lan_to_clients(topo, checks.SSDP_GROUP, names))
     report(checks.lan_to_clients(topo, topo.lan_broadcast, bcast_clients))
     report(checks.lan_to_clients(topo, NOT_A_GROUP, set()))
-    others = names - {first.name} if REINJECT else set()
+    reinjected = {
+        c["remote-id"].split("@")[0]
+        for c in ipsec_state.child_sas(topo.gateway.vici_socket)
+        if c["name"] in REINJECT
+    }
+    others = reinjected - {first.name}
     report(checks.client_to_others(topo, first.name, checks.SSDP_GROUP, others, expect_lan=True))
     report(checks.unicast(topo))
 
