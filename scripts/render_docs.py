@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 def terminal(text: str, out: Path) -> None:
     lines = text.rstrip("\n").splitlines()
     width = max(len(line) for line in lines)
-    fig = plt.figure(figsize=(width * 0.075, len(lines) * 0.2 + 0.3), dpi=110)
+    fig = plt.figure(figsize=(width * 0.082 + 0.3, len(lines) * 0.2 + 0.3), dpi=110)
     fig.patch.set_facecolor("#1e1e1e")
     fig.text(0.01, 0.98, "\n".join(lines), family="monospace", fontsize=9, color="#d4d4d4",
              va="top", ha="left")
