@@ -59,6 +59,24 @@ def delete(name: str) -> None:
     run(["ip", "netns", "del", name], check=False)
 
 
+def add_veth(name: str, ns: str | None, peer: str, peer_ns: str | None) -> None:
+    """A veth pair with each end created directly in its namespace (None: the caller's)."""
+    argv = [
+        "ip",
+        "link",
+        "add",
+        name,
+        *(["netns", ns] if ns else []),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        peer,
+        *(["netns", peer_ns] if peer_ns else []),
+    ]
+    run(argv)
+
+
 def list_with_prefix(prefix: str) -> list[str]:
     try:
         names = os.listdir(NETNS_DIR)

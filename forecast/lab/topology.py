@@ -95,43 +95,11 @@ class Topology:
         netns.run(["ip", "link", "set", "br0", "up"], netns=sw)
         for host in (self.gateway, *self.clients):
             port = f"p-{host.name}"
-            netns.run(
-                [
-                    "ip",
-                    "link",
-                    "add",
-                    port,
-                    "netns",
-                    sw,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    host.netns,
-                ]
-            )
+            netns.add_veth(port, sw, "eth0", host.netns)
             netns.run(["ip", "link", "set", port, "master", "br0", "up"], netns=sw)
             self._address(host.netns, "eth0", f"{host.wan_addr}/{WAN_PREFIXLEN}")
         gw, lan = self.gateway.netns, self.lan_host.netns
-        netns.run(
-            [
-                "ip",
-                "link",
-                "add",
-                self.gw_lan_if,
-                "netns",
-                gw,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                lan,
-            ]
-        )
+        netns.add_veth(self.gw_lan_if, gw, "eth0", lan)
         plen = self.lan_net.split("/")[1]
         self._address(gw, self.gw_lan_if, f"{self.gateway.lan_addr}/{plen}")
         self._address(lan, "eth0", f"{self.lan_host.lan_addr}/{plen}")

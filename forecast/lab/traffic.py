@@ -143,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- drivers used by scripts and tests ---------------------------------------------------------
+def _in_netns(netns: str) -> list[str]:
+    """This module as a program inside `netns`."""
+    return ["ip", "netns", "exec", netns, sys.executable, "-m", "forecast.lab.traffic"]
+
+
 class Receiver:
     """A receiver in a namespace; `stop()` returns what it counted."""
 
@@ -156,13 +161,7 @@ class Receiver:
         wait: bool = True,
     ) -> None:
         argv = [
-            "ip",
-            "netns",
-            "exec",
-            netns,
-            sys.executable,
-            "-m",
-            "forecast.lab.traffic",
+            *_in_netns(netns),
             "recv",
             "--port",
             str(port),
@@ -216,13 +215,7 @@ def send(
     mark: int = 0,
 ) -> None:
     argv = [
-        "ip",
-        "netns",
-        "exec",
-        netns,
-        sys.executable,
-        "-m",
-        "forecast.lab.traffic",
+        *_in_netns(netns),
         "send",
         "--dst",
         dst,

@@ -96,7 +96,7 @@ def start_running(
     try:
         lab.up()
         gw = lab.topology.gateway.netns
-        netns.run(["ip", "link", "add", "xfs0", "type", "veth", "peer", "name", "xfs0p"], netns=gw)
+        netns.add_veth("xfs0", gw, "xfs0p", gw)
         for dev in ("xfs0", "xfs0p"):
             netns.run(["ip", "link", "set", dev, "up"], netns=gw)
         state_file, pin_dir = tmp_path / "state.json", bpffs / "forecast"

@@ -58,40 +58,8 @@ def gateway(run_prefix: str, tmp_path: Path) -> Iterator[Gateway]:
     subprocess.run(["mount", "-t", "bpf", "bpf", str(pins)], check=True)
     datapath = Datapath(pins / "forecast")
     try:
-        netns.run(
-            [
-                "ip",
-                "link",
-                "add",
-                "lan0",
-                "netns",
-                gw,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                lan,
-            ]
-        )
-        netns.run(
-            [
-                "ip",
-                "link",
-                "add",
-                "xf0",
-                "netns",
-                gw,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "xfpeer",
-                "netns",
-                gw,
-            ]
-        )
+        netns.add_veth("lan0", gw, "eth0", lan)
+        netns.add_veth("xf0", gw, "xfpeer", gw)
         for ns, dev, cidr in (
             (gw, "lan0", "10.9.0.1/16"),
             (lan, "eth0", "10.9.0.2/16"),

@@ -17,23 +17,7 @@ def pair(run_prefix: str) -> Iterator[tuple[str, str]]:
     netns.create(a)
     netns.create(b)
     try:
-        netns.run(
-            [
-                "ip",
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                a,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                b,
-            ]
-        )
+        netns.add_veth("eth0", a, "eth0", b)
         for ns, addr in ((a, "10.9.0.1/24"), (b, "10.9.0.2/24")):
             netns.run(["ip", "addr", "add", addr, "brd", "+", "dev", "eth0"], netns=ns)
             netns.run(["ip", "link", "set", "eth0", "up"], netns=ns)
