@@ -8,7 +8,7 @@ SETUP    := $(CURDIR)/scripts/setup.sh
 KERNEL   ?= 6.1
 CLIENTS  ?= 2
 
-.PHONY: setup venv test test-unit test-kernel test-lab lint demo docs-images bench clean
+.PHONY: setup venv test test-unit test-kernel test-lab lint demo docs-images clean
 
 setup:
 	@bash $(SETUP)
