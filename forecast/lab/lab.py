@@ -139,9 +139,6 @@ class Lab:
         """The client rekeys its CHILD_SA (new SPIs, same mark)."""
         self.charons[client].command("rekey", {"child": conns.CLIENT_CHILD})
 
-    def rekey_ike(self, client: str) -> None:
-        self.charons[client].command("rekey", {"ike": conns.CLIENT_CONN})
-
     def disconnect(self, client: str) -> None:
         self.charons[client].command("terminate", {"ike": conns.CLIENT_CONN, "timeout": 5000})
 
