@@ -38,13 +38,13 @@ def detect(netns: str | None = None) -> Backend:
 
 
 def _run(
-    argv: list[str], netns: str | None, input_text: str | None = None
+    argv: list[str], netns: str | None, input_text: str | None = None, *, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     full = [*(["ip", "netns", "exec", netns] if netns else []), *argv]
     proc = subprocess.run(
         full, input=input_text, capture_output=True, text=True, timeout=30, check=False
     )
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise NetfilterError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
 
@@ -72,24 +72,8 @@ class Rules:
         self.backend = detect(netns)
 
     def _jump_present(self, hook: str) -> bool:
-        proc = subprocess.run(
-            [
-                *(["ip", "netns", "exec", self.netns] if self.netns else []),
-                self.backend.iptables,
-                "-w",
-                "-t",
-                "mangle",
-                "-C",
-                hook,
-                "-j",
-                CHAINS[hook],
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        return proc.returncode == 0
+        argv = [self.backend.iptables, "-w", "-t", "mangle", "-C", hook, "-j", CHAINS[hook]]
+        return _run(argv, self.netns, check=False).returncode == 0
 
     def apply(self, rules: Iterable[MarkRule]) -> None:
         """Replace our chains' contents in one commit; hook them in at the top once."""

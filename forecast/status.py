@@ -129,8 +129,8 @@ def render_table(snap: Snapshot, rates: dict[str, dict[str, float]] | None = Non
     )
     lines = [head]
     for sa in snap.sas:
-        r = rates.get(str(sa["unique_id"])) if rates is not None else None
-        r = r if r is not None or rates is None else {}
+        # With rates: this SA's (none yet for a new SA); without: plain totals.
+        r = None if rates is None else rates.get(str(sa["unique_id"]), {})
         lines.append(
             f"{sa['slot']:>4}  {(sa['ike'] + '/' + sa['child'])[:12]:<12} {sa['unique_id']:>4}  "
             f"{sa['remote_id'][:18]:<18} {(sa['virtual_ips'] or ['-'])[0]:<15} "

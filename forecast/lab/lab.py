@@ -93,18 +93,7 @@ class Lab:
             list(pool.map(lambda c: c.start(), self.charons.values()))
         self.timings["charons_s"] = time.monotonic() - t1
 
-        self.charons["gw"].load(
-            conns=conns.gateway_conn(
-                wan_addr=topo.gateway.wan_addr,
-                lan_net=topo.lan_net,
-                lan_broadcast=topo.lan_broadcast,
-                mode=opts.mode,
-                if_id=opts.if_id,
-                no_broadcast=opts.no_broadcast,
-            ),
-            secrets=[conns.shared_secret()],
-            pools=conns.pool(topo.vip_pool),
-        )
+        self.load_gateway()
         for client in topo.clients:
             self.charons[client.name].load(
                 conns=conns.client_conn(
@@ -122,6 +111,22 @@ class Lab:
         if opts.connect:
             self.connect_all()
         (self.workdir / "topology.json").write_text(topo.to_json())
+
+    def load_gateway(self) -> None:
+        """Load the gateway's conns, secret and pool (again, after a charon restart)."""
+        topo, opts = self.topology, self.options
+        self.charons["gw"].load(
+            conns=conns.gateway_conn(
+                wan_addr=topo.gateway.wan_addr,
+                lan_net=topo.lan_net,
+                lan_broadcast=topo.lan_broadcast,
+                mode=opts.mode,
+                if_id=opts.if_id,
+                no_broadcast=opts.no_broadcast,
+            ),
+            secrets=[conns.shared_secret()],
+            pools=conns.pool(topo.vip_pool),
+        )
 
     def connect(self, client: str) -> None:
         self.charons[client].initiate(ike=conns.CLIENT_CONN, child=conns.CLIENT_CHILD)

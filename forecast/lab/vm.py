@@ -437,10 +437,12 @@ class LabVM:
         while True:
             done = rc_path.exists()
             if stream is not None and out_path.exists():
-                text = out_path.read_text(errors="replace")
-                stream.write(text[shown:])
+                with out_path.open("rb") as f:  # only what is new since the last look
+                    f.seek(shown)
+                    chunk = f.read()
+                shown += len(chunk)
+                stream.write(chunk.decode(errors="replace"))
                 stream.flush()
-                shown = len(text)
             if done:
                 break
             if not self.alive():

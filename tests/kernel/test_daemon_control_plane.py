@@ -21,22 +21,17 @@ from forecast.lab.lab import Lab, LabOptions
 from tests.kernel.daemon_fixture import IF_ID, Running
 
 
-def _gateway_load(lab: Lab) -> dict[str, Any]:
-    """What Lab.up() loads into the gateway's charon, to load it again after a restart."""
-    from forecast.lab import conns
-
-    topo = lab.topology
-    return {
-        "conns": conns.gateway_conn(
-            wan_addr=topo.gateway.wan_addr,
-            lan_net=topo.lan_net,
-            lan_broadcast=topo.lan_broadcast,
-            mode=lab.options.mode,
-            if_id=lab.options.if_id,
-        ),
-        "secrets": [conns.shared_secret()],
-        "pools": conns.pool(topo.vip_pool),
-    }
+def forecast_cli(
+    command: str, config: Path, *args: str, netns: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`forecast-bpf COMMAND --config CONFIG ARGS` as an operator types it (in `netns`)."""
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "forecast", command, "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def _slot_of(state: dict[str, Any], remote_id: str) -> dict[str, Any]:
@@ -91,12 +86,7 @@ def test_connect_rekey_disconnect_stop(running: Running) -> None:
         assert re.search(rf"^{re.escape(host.virtual_ip)} dev xfs0 ", running.routes(), re.M)
 
     # -- status reads the live maps --------------------------------------------------------
-    out = subprocess.run(
-        [sys.executable, "-m", "forecast", "status", "--config", str(running.cfg_path), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    out = forecast_cli("status", running.cfg_path, "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["schema"] == 1 and len(doc["sas"]) == 2
@@ -124,7 +114,7 @@ def test_connect_rekey_disconnect_stop(running: Running) -> None:
     gw_charon.stop()
     running.wait("VICI gone", lambda s: not s["vici_connected"])
     gw_charon.start()
-    lab.charons["gw"].load(**_gateway_load(lab))
+    lab.load_gateway()
     running.wait("reconnected, no SAs", lambda s: s["vici_connected"] and not s["slots"])
     assert not any(c1.virtual_ip in r for r in running.rules())
     lab.connect("c1")
@@ -162,23 +152,7 @@ def test_check_tells_what_each_child_lacks(run_prefix: str, tmp_path: Path) -> N
             cfg.write_text(
                 f"vici_socket: {lab.topology.gateway.vici_socket}\nxfrm: {{if_id: {IF_ID}}}\n"
             )
-            out = subprocess.run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    lab.topology.gateway.netns,
-                    sys.executable,
-                    "-m",
-                    "forecast",
-                    "check",
-                    "--config",
-                    str(cfg),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
+            out = forecast_cli("check", cfg, netns=lab.topology.gateway.netns)
         assert out.returncode == want_rc, out.stdout + out.stderr
         assert "MISSING  rw/rw #1 (c1@forecast.lab" in out.stdout
         assert want in out.stdout
@@ -191,29 +165,14 @@ def test_check_tells_what_each_child_lacks(run_prefix: str, tmp_path: Path) -> N
 def test_status_and_check_without_a_daemon_or_charon(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"state_file: {tmp_path}/none.json\nvici_socket: {tmp_path}/none.vici\n")
-    status = subprocess.run(
-        [sys.executable, "-m", "forecast", "status", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    status = forecast_cli("status", cfg)
     assert status.returncode == 3
     assert f"forecast-bpf is not running (no {tmp_path}/none.json)" in status.stderr
-    check = subprocess.run(
-        [sys.executable, "-m", "forecast", "check", "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    check = forecast_cli("check", cfg)
     assert check.returncode == 2 and "cannot read strongSwan's SAs" in check.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("groups: [10.0.0.1]\n")
-    run = subprocess.run(
-        [sys.executable, "-m", "forecast", "run", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    run = forecast_cli("run", bad)
     assert run.returncode == 2
     assert run.stderr.strip() == (
         f"forecast-bpf: error: {bad}: groups: 10.0.0.1 is not a multicast address (224.0.0.0/4)"

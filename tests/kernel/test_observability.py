@@ -265,9 +265,7 @@ def test_ready_only_after_programs_attached_and_snapshot_applied(
         # charon comes back: the snapshot is applied, then READY=1.
         gw_charon = running.lab.charons["gw"]
         gw_charon.start()
-        from tests.kernel.test_daemon_control_plane import _gateway_load
-
-        gw_charon.load(**_gateway_load(running.lab))
+        running.lab.load_gateway()
         running.lab.connect("c1")
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any("READY=1" in m for m in messages):
