@@ -16,12 +16,33 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-BPF_DIR = Path(os.environ.get("FORECAST_BPF_DIR", Path(__file__).resolve().parents[1] / "bpf"))
 HEADER_CACHE = Path(os.environ.get("FORECAST_HEADER_CACHE", "/var/cache/forecast-bpf/headers"))
+
+
+STANDARD_BPFFS = Path("/sys/fs/bpf")
 
 
 class BuildError(RuntimeError):
     """The programs could not be compiled or loaded; the message says why."""
+
+
+def bpf_dir() -> Path:
+    """The BPF sources: package data in an install, bpf/ in a checkout (an editable install)."""
+    if "FORECAST_BPF_DIR" in os.environ:
+        return Path(os.environ["FORECAST_BPF_DIR"])
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "bpf", here.parent / "bpf"):
+        if (candidate / "forecast.h").exists():
+            return candidate
+    raise BuildError(f"the BPF sources are missing (looked in {here / 'bpf'})")
+
+
+def bcc_version() -> str:
+    try:
+        from bcc import __version__ as version
+    except ImportError:
+        return "no-bcc"
+    return str(version)
 
 
 def _version_key(path: str) -> list[int]:
@@ -74,9 +95,12 @@ def mount_type(path: Path) -> str:
 
 
 def ensure_bpffs(root: Path) -> bool:
-    """Make `root` a bpffs mount if it is not one; True when this call mounted it."""
+    """`root` must be on a bpffs. Only the standard place is mounted when missing (True: this
+    call mounted it); anywhere else is the operator's to mount."""
     if mount_type(root) == "bpf":
         return False
+    if root != STANDARD_BPFFS:
+        raise BuildError(f"{root} is not on a bpffs mount (pin_dir must be below one)")
     root.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
         ["mount", "-t", "bpf", "bpf", str(root)], capture_output=True, text=True, check=False
@@ -90,13 +114,14 @@ def compile_program(source: str, function: str, pin_dir: Path) -> tuple[Any, int
     """Compile bpf/<source> and load `function` as a TC classifier; returns (BPF, prog fd)."""
     from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests need no bcc
 
-    src = BPF_DIR / source
+    bpf_src = bpf_dir()
+    src = bpf_src / source
     if not src.exists():
         raise BuildError(f"BPF source {src} is missing")
     headers = kernel_source()
     if headers is not None:
         os.environ["BCC_KERNEL_SOURCE"] = str(headers)
-    cflags = [f"-I{BPF_DIR}", f'-DFC_PIN_DIR="{pin_dir}"', "-Wno-everything"]
+    cflags = [f"-I{bpf_src}", f'-DFC_PIN_DIR="{pin_dir}"', "-Wno-everything"]
     try:
         bpf = BPF(src_file=str(src).encode(), cflags=cflags)
         fn = bpf.load_func(function.encode(), BPF.SCHED_CLS)

@@ -90,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     from forecast.config import DEFAULT_PATH
 
     for name, help_text in (
-        ("run", "run the daemon in the foreground"),
+        (
+            "run",
+            "run the daemon in the foreground (SIGHUP: reload; SIGUSR2: exit, leaving "
+            "the data path forwarding for the next daemon)",
+        ),
+        ("stop", "remove a data path that no daemon runs (left by a hand-over or a crash)"),
         ("check", "tell, child by child, what strongSwan's live SAs lack"),
         ("status", "per-SA counters of the running daemon"),
     ):
@@ -136,11 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("run", "check", "status"):
+    if args.command in ("run", "stop", "check", "status"):
         from forecast import cli_daemon
 
         return {
             "run": cli_daemon.run,
+            "stop": cli_daemon.run_stop,
             "check": cli_daemon.run_check,
             "status": cli_daemon.run_status,
         }[args.command](args)

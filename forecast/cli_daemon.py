@@ -1,4 +1,4 @@
-"""`forecast-bpf run | check | status`."""
+"""`forecast-bpf run | stop | check | status`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
-from forecast import check, config, status
+from forecast import check, config, status, systemd
 from forecast.bpf_build import BuildError
 from forecast.config import ConfigError
 from forecast.datapath import DatapathError
@@ -31,6 +31,25 @@ def _fail(msg: str, code: int = 2) -> int:
 
 def _config(args: argparse.Namespace) -> config.Config:
     return config.load(Path(args.config))
+
+
+def _need_root(command: str) -> str | None:
+    if os.geteuid() != 0:
+        return (
+            f"`{command}` needs root (it loads BPF programs, changes links, routes and "
+            "netfilter rules): run it as root or through systemd"
+        )
+    return None
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="forecast-bpf: %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    # debug is for forecast-bpf's own lines: pyroute2 would log every netlink message.
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
 
 
 def _single_instance(path: Path) -> IO[str] | str:
@@ -53,34 +72,68 @@ def _single_instance(path: Path) -> IO[str] | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from forecast.daemon import Daemon
+    from forecast.daemon import Daemon, ExitMode
 
     try:
         cfg = _config(args)
     except ConfigError as exc:
         return _fail(str(exc))
-    logging.basicConfig(
-        level=getattr(logging, cfg.log_level.upper()),
-        format="forecast-bpf: %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    if why := _need_root("run"):
+        return _fail(why)
+    _logging(cfg.log_level)
+    log = logging.getLogger("forecast-bpf")
     lock = _single_instance(cfg.state_file.with_suffix(".lock"))
     if isinstance(lock, str):
         return _fail(lock)
+    daemon = Daemon(cfg, config_path=Path(args.config))
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    daemon = Daemon(cfg)
+    asked: set[int] = set()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        asked.add(signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        signal.signal(sig, on_signal)
+    signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
     try:
         daemon.setup()
     except SETUP_ERRORS as exc:
-        return _fail(f"set-up failed, nothing left behind: {exc}", 1)
+        return _fail(f"set-up failed: {exc}", 1)
+    mode = ExitMode.STOP
     try:
-        logging.getLogger("forecast-bpf").info("running; VICI socket %s", cfg.vici_socket)
+        log.info("running; VICI socket %s", cfg.vici_socket)
         daemon.serve(stop)
+        # SIGUSR2: hand over on purpose. SIGTERM under systemd: hand over when systemd is
+        # restarting us (restart, package upgrade), remove everything when it is stopping us.
+        if signal.SIGUSR2 in asked or (signal.SIGTERM in asked and systemd.stop_is_a_restart()):
+            mode = ExitMode.HANDOVER
     finally:
-        daemon.teardown()
-        logging.getLogger("forecast-bpf").info("stopped; everything removed")
+        daemon.teardown(mode)
+        if mode is ExitMode.HANDOVER:
+            log.info("stopped for a restart; the data path keeps forwarding")
+        else:
+            log.info("stopped; everything removed")
+    return 0
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    """Remove a data path that no daemon runs (left by a hand-over or a crash)."""
+    from forecast.daemon import remove_left_datapath
+
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if why := _need_root("stop"):
+        return _fail(why)
+    _logging(cfg.log_level)
+    lock = _single_instance(cfg.state_file.with_suffix(".lock"))
+    if isinstance(lock, str):
+        return _fail(f"{lock}: stop it instead (systemctl stop forecast-bpf, or SIGTERM)")
+    removed = remove_left_datapath(cfg)
+    cfg.state_file.with_suffix(".lock").unlink(missing_ok=True)
+    print(f"removed: {', '.join(removed)}" if removed else "nothing left to remove")
     return 0
 
 
@@ -122,4 +175,5 @@ def run_status(args: argparse.Namespace) -> int:
         print(json.dumps(snap.doc, indent=2))
     else:
         print(status.render_table(snap))
-    return 0
+    # 1: the daemon is down but its data path still forwards (a crash, or between restarts).
+    return 0 if snap.doc["daemon"]["running"] else 1

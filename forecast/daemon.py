@@ -1,34 +1,48 @@
 """The daemon: observe (VICI) → desire (pure) → act (maps, rules, routes), until stopped.
 
-Set-up builds what does not depend on SAs (programs, XFRM interface, groups, our chains);
-every VICI snapshot or event then reconciles the SA-dependent state against what was last
-applied. Teardown removes everything the daemon created, in reverse order.
+Set-up adopts or builds what does not depend on SAs (programs, XFRM interface, groups, our
+chains); every VICI snapshot or event then reconciles the SA-dependent state. What was applied
+is remembered to keep events cheap, but the kernel is the truth: set-up starts from what the
+maps hold, and every resync reads slots, rules, routes and filters back and repairs them.
+
+Two ways out (ExitMode): STOP removes everything the daemon created, in reverse order;
+HANDOVER (a restart, an upgrade) leaves the data path forwarding for the next daemon to adopt.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from forecast import bpf_build, desired, links, metrics, netfilter, tc
+from forecast import bpf_build, config, desired, links, metrics, netfilter, tc
 from forecast.config import Config
-from forecast.datapath import Datapath, DatapathConfig, SaEntry
+from forecast.datapath import Datapath, DatapathConfig, SaEntry, remove_pins
 from forecast.sa import Change, PayloadError, SaTable
-from forecast.sdnotify import Notifier
+from forecast.systemd import Notifier, listen_fds
 from forecast.vici_source import BACKOFF_S, EventStream, ViciUnavailable, list_sas
 
-RESYNC_S = 30.0  # a fresh snapshot this often: any missed event is repaired within it
+RESYNC_S = 30.0  # a fresh snapshot and a kernel read-back this often: drift lives no longer
+RELOADABLE = ("groups", "reinject", "log_level")
+GROUPS_FD = "groups"  # FDNAME of the membership socket in systemd's store
 log = logging.getLogger("forecast-bpf")
+
+
+class ExitMode(enum.Enum):
+    STOP = "stop"  # remove everything
+    HANDOVER = "handover"  # leave the data path forwarding for the next daemon
 
 
 @dataclass
@@ -36,14 +50,20 @@ class Health:
     vici_connected: bool = False
     last_event: float | None = None
     sync_errors: int = 0
-    snapshots: int = 0
     started: float = field(default_factory=time.time)
     changes: dict[str, int] = field(default_factory=dict)  # kind → count, for churn
 
 
 class Daemon:
-    def __init__(self, cfg: Config, *, xfrm: links.XfrmInterface | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        xfrm: links.XfrmInterface | None = None,
+        config_path: Path | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.config_path = config_path  # re-read on reload
         self.table = SaTable()
         self.health = Health()
         self._xfrm_given = xfrm
@@ -52,25 +72,41 @@ class Daemon:
         self.datapath: Datapath | None = None
         self.rules: netfilter.Rules | None = None
         self.groups: links.GroupMemberships | None = None
-        self.mounted_bpffs: Path | None = None
-        self.attached: list[int] = []
-        # What was last applied, so each reconcile changes only the difference.
+        self.bpffs_mounted: Path | None = None  # by this daemon or the one it took over from
+        self.hooks: dict[str, int] = {}  # role → ifindex of the device its filter sits on
+        self.swap_pending: set[str] = set()  # roles whose new program waits for filled maps
+        # What was last applied, so an event changes only the difference; set-up and every
+        # resync refresh it from the kernel.
         self.slot_by_mark: dict[int, int] = {}
         self.written: dict[int, SaEntry] = {}
         self.rules_applied: list[desired.MarkRule] | None = None
-        self.routes_applied: set[IPv4Network] = set()
+        self.rules_seen: list[str] | None = None  # our chains as the kernel showed them then
+        self.routes_applied: set[IPv4Network] | None = None
         self.reported: set[str] = set()
         self.last_desired = desired.Desired()
         self.notifier = Notifier()
         self.metrics_server: Any = None
+        self.reload_requested = threading.Event()
 
     # -- set-up -----------------------------------------------------------------------------
+    def _previous_state(self) -> dict[str, Any]:
+        """The state file a previous daemon left (a restart, or a crash): empty if none."""
+        try:
+            return dict(json.loads(self.cfg.state_file.read_text()))
+        except (OSError, ValueError):
+            return {}
+
     def setup(self) -> None:
         cfg = self.cfg
+        previous = self._previous_state()
+        inherited = cfg.pin_dir.is_dir() and any(cfg.pin_dir.iterdir())
         try:
             bpffs_root = cfg.pin_dir.parent
             if bpf_build.ensure_bpffs(bpffs_root):
-                self.mounted_bpffs = bpffs_root
+                self.bpffs_mounted = bpffs_root
+                log.info("mounted bpffs at %s (unmounted again at stop)", bpffs_root)
+            elif previous.get("bpffs_mounted") == str(bpffs_root):
+                self.bpffs_mounted = bpffs_root
             self.lan = links.find_lan(cfg.interface, exclude=[cfg.xfrm.name])
             log.info(
                 "LAN interface %s (%s, broadcast %s)",
@@ -88,37 +124,15 @@ class Daemon:
                     dev,
                     "created" if self.xfrm.created else "existing",
                 )
-            self.datapath = Datapath(cfg.pin_dir)
-            self.datapath.load()
-            self.slot_by_mark = self.datapath.active_slots()
-            if self.slot_by_mark:
-                log.info(
-                    "adopted %d SA slots from pinned maps in %s",
-                    len(self.slot_by_mark),
-                    cfg.pin_dir,
-                )
-            self.datapath.write_config(
-                DatapathConfig(
-                    xfrm_ifindex=self.xfrm.index,
-                    lan_ifindex=self.lan.index,
-                    lan_mac=self.lan.mac,
-                    lan_broadcast=self.lan.broadcast,
-                    groups=cfg.groups,
-                )
-            )
-            tc.attach(self.lan.index, self.datapath.fds["lan"], "fc_lan_ingress")
-            self.attached.append(self.lan.index)
-            tc.attach(self.xfrm.index, self.datapath.fds["tunnel"], "fc_tunnel_ingress")
-            self.attached.append(self.xfrm.index)
-            self.groups = links.GroupMemberships(self.lan, cfg.groups)
+            self._load_datapath()
+            self._attach_filters()
+            self._join_groups(previous)
             self.rules = netfilter.Rules()
             log.info(
                 "netfilter back end: iptables (%s), chains %s",
                 self.rules.backend.variant,
                 ", ".join(netfilter.CHAINS.values()),
             )
-            self.rules.apply([])
-            self.rules_applied = []
             try:
                 _thread, self.metrics_server = metrics.serve(self, cfg.metrics_address)
             except OSError as exc:
@@ -127,11 +141,89 @@ class Daemon:
                 ) from None
             log.info("metrics on http://%s/metrics", cfg.metrics_address)
         except BaseException:
-            self.teardown()
+            # A failed start removes what it made, but never a data path it found forwarding:
+            # that stays for the next try (or for `forecast-bpf stop`).
+            self.teardown(ExitMode.HANDOVER if inherited else ExitMode.STOP)
             raise
 
+    def _datapath_config(self) -> DatapathConfig:
+        assert self.lan and self.xfrm
+        return DatapathConfig(
+            xfrm_ifindex=self.xfrm.index,
+            lan_ifindex=self.lan.index,
+            lan_mac=self.lan.mac,
+            lan_broadcast=self.lan.broadcast,
+            groups=self.cfg.groups,
+        )
+
+    def _load_datapath(self) -> None:
+        assert self.lan and self.xfrm
+        self.datapath = dp = Datapath(self.cfg.pin_dir)
+        t0 = time.monotonic()
+        dp.load()
+        if dp.compiled:
+            log.info("programs build %s compiled in %.1f s", dp.digest, time.monotonic() - t0)
+        else:
+            log.info("programs build %s adopted from %s (no compile)", dp.digest, self.cfg.pin_dir)
+        dp.write_config(self._datapath_config())
+        # The kernel's slots, not an empty memory: a slot whose SA went away while no daemon
+        # ran is cleared by the first reconcile, one that is still there keeps its counters.
+        self.written = dp.read_slots()
+        self.slot_by_mark = {entry.mark_in: slot for slot, entry in self.written.items()}
+        if self.written:
+            log.info("adopted %d SA slots from the pinned maps", len(self.written))
+        self.hooks = {"lan": self.lan.index, "tunnel": self.xfrm.index}
+
+    def _attach_filters(self) -> None:
+        dp = self.datapath
+        assert dp is not None
+        for role, ifindex in self.hooks.items():
+            current = tc.our_filter(ifindex)
+            want = dp.filter_name(role)
+            if current == want and not dp.compiled:
+                log.info("filter %s on ifindex %d kept (forwarding never stopped)", want, ifindex)
+            elif current is not None and dp.fresh_maps:
+                # New maps are empty until the first snapshot is written into them; the old
+                # program keeps forwarding with the old maps until then.
+                self.swap_pending.add(role)
+            else:
+                tc.attach(ifindex, dp.fds[role], want)
+                log.info(
+                    "filter %s on ifindex %d %s",
+                    want,
+                    ifindex,
+                    f"swapped in for {current}" if current else "attached",
+                )
+        if not self.swap_pending:
+            self._prune()
+
+    def _swap_pending_filters(self) -> None:
+        dp = self.datapath
+        assert dp is not None
+        for role in sorted(self.swap_pending):
+            tc.attach(self.hooks[role], dp.fds[role], dp.filter_name(role))
+            log.info("filter %s swapped in (maps filled)", dp.filter_name(role))
+        self.swap_pending.clear()
+        self._prune()
+
+    def _prune(self) -> None:
+        assert self.datapath is not None
+        for path in self.datapath.prune():
+            log.info("unpinned %s (a previous build)", path.name)
+
+    def _join_groups(self, previous: dict[str, Any]) -> None:
+        assert self.lan is not None
+        stored = listen_fds().get(GROUPS_FD)
+        sock = socket.socket(fileno=stored) if stored is not None else None
+        held = [IPv4Address(g) for g in previous.get("groups", [])] if sock else []
+        self.groups = links.GroupMemberships(self.lan, self.cfg.groups, sock=sock, held=held)
+        if sock is not None:
+            log.info("group memberships taken over from the previous daemon")
+
     # -- reconcile --------------------------------------------------------------------------
-    def reconcile(self) -> None:
+    def reconcile(self, *, from_kernel: bool = False) -> None:
+        """Converge the kernel to the SA table. from_kernel: first read back what the kernel
+        really holds (slots, our chains, routes, filters) instead of trusting memory."""
         assert self.datapath and self.rules and self.lan and self.xfrm
         d = desired.compute(self.table.all(), self.cfg, self.lan.broadcast, self.slot_by_mark)
         self.last_desired = d
@@ -140,6 +232,8 @@ class Daemon:
         for warning in d.warnings:
             self._once(warning, warning, logging.WARNING)
         try:
+            if from_kernel:
+                self._read_back()
             for slot, state in d.slots.items():
                 if self.written.get(slot) != state.entry:
                     self.datapath.write_sa(slot, state.entry)
@@ -148,20 +242,81 @@ class Daemon:
                 self.datapath.write_sa(slot, None)
                 del self.written[slot]
             self.slot_by_mark = {st.entry.mark_in: slot for slot, st in d.slots.items()}
+            if self.swap_pending:
+                self._swap_pending_filters()
             if d.rules != self.rules_applied:
                 self.rules.apply(d.rules)
                 self.rules_applied = list(d.rules)
-            if set(d.routes) != self.routes_applied:
+                self.rules_seen = self.rules.current()
+            if self.routes_applied is None or set(d.routes) != self.routes_applied:
                 added, removed = links.sync_routes(d.routes, self.xfrm.index)
                 for net in sorted(added, key=str):
                     log.info("route %s via %s", net, self.xfrm.name)
                 for net in sorted(removed, key=str):
                     log.info("route %s removed", net)
                 self.routes_applied = set(d.routes)
-        except (netfilter.NetfilterError, links.LinkError, OSError) as exc:
+        except (netfilter.NetfilterError, links.LinkError, OSError, RuntimeError) as exc:
             self.health.sync_errors += 1
             log.error("could not apply the desired state (will retry): %s", exc)
+            self.rules_applied = self.routes_applied = None  # read back at the next try
         self.write_state()
+
+    def _read_back(self) -> None:
+        """Replace what memory says was applied by what the kernel holds; log any drift."""
+        assert self.datapath and self.rules
+        kernel_slots = self.datapath.read_slots()
+        if kernel_slots != self.written:
+            log.warning("SA slots in the kernel differ from the last write: repairing")
+        self.written = kernel_slots
+        if self.rules_seen is not None and (
+            self.rules.current() != self.rules_seen or not self.rules.hooked()
+        ):
+            log.warning("our MARK chains were changed by someone else: rewriting them")
+            self.rules_applied = None
+        self.routes_applied = None  # sync_routes reads the kernel's routes itself
+        dp = self.datapath
+        for role, ifindex in self.hooks.items():
+            if role not in self.swap_pending and tc.our_filter(ifindex) != dp.filter_name(role):
+                log.warning("filter on ifindex %d is gone or foreign: attaching it again", ifindex)
+                tc.attach(ifindex, dp.fds[role], dp.filter_name(role))
+
+    # -- reload -----------------------------------------------------------------------------
+    def reload(self) -> None:
+        """Re-read the config file; apply what can change without a restart (RELOADABLE)."""
+        self.notifier.reloading()
+        try:
+            if self.config_path is None:
+                raise config.ConfigError("no config file to re-read")
+            new = config.load(self.config_path)
+        except config.ConfigError as exc:
+            log.error("reload failed, the running configuration stays: %s", exc)
+            self.notifier.ready(self._status_line())
+            return
+        old = self.cfg
+        changed = [
+            f.name
+            for f in dataclasses.fields(Config)
+            if getattr(new, f.name) != getattr(old, f.name)
+        ]
+        for key in changed:
+            if key not in RELOADABLE:
+                log.warning("reload: %s changed; it takes effect at the next restart", key)
+        self.cfg = dataclasses.replace(
+            old, **{key: getattr(new, key) for key in changed if key in RELOADABLE}
+        )
+        logging.getLogger().setLevel(self.cfg.log_level.upper())
+        if "groups" in changed and self.groups is not None and self.datapath is not None:
+            joined, left = self.groups.set(self.cfg.groups)
+            self.datapath.write_config(self._datapath_config())
+            log.info(
+                "groups now %s (joined %s, left %s)",
+                ", ".join(map(str, self.cfg.groups)),
+                ", ".join(map(str, joined)) or "none",
+                ", ".join(map(str, left)) or "none",
+            )
+        self.reconcile()
+        log.info("reloaded %s: %s", self.config_path, ", ".join(changed) or "nothing changed")
+        self.notifier.ready(self._status_line())
 
     def _once(self, key: str, message: str, level: int) -> None:
         if key not in self.reported:
@@ -169,7 +324,8 @@ class Daemon:
             log.log(level, "%s", message)
 
     def write_state(self) -> None:
-        """Which SA each slot holds, for `status` (counters come from the pinned maps)."""
+        """Which SA each slot holds, for `status` (counters come from the pinned maps), and what
+        the next daemon needs to take over (groups held, a bpffs mount to undo at stop)."""
         slots = {}
         for slot, state in self.last_desired.slots.items():
             c = state.children[0]
@@ -189,9 +345,19 @@ class Daemon:
                 "reinject": state.entry.reinject,
                 "selectors": [str(t) for t in state.entry.selectors],
             }
+        dp = self.datapath
         doc = {
             "pid": os.getpid(),
             "pin_dir": str(self.cfg.pin_dir),
+            "maps_dir": str(dp.maps_dir) if dp else None,
+            "filters": {
+                role: {"ifindex": ifindex, "name": dp.filter_name(role)}
+                for role, ifindex in self.hooks.items()
+            }
+            if dp
+            else {},
+            "groups": [str(g) for g in self.groups.groups] if self.groups else [],
+            "bpffs_mounted": str(self.bpffs_mounted) if self.bpffs_mounted else None,
             "updated": time.time(),
             "vici_connected": self.health.vici_connected,
             "sync_errors": self.health.sync_errors,
@@ -223,13 +389,13 @@ class Daemon:
             try:
                 stream = EventStream(self.cfg.vici_socket)
                 changes = self.table.load_snapshot(list_sas(self.cfg.vici_socket))
-                self.health.vici_connected, self.health.snapshots = True, self.health.snapshots + 1
+                self.health.vici_connected = True
                 if attempt:
                     log.info("VICI reconnected: %d SAs in the snapshot", len(self.table))
                 attempt = 0
                 self.health.last_event = time.time()
                 self._apply_changes(changes)
-                self.reconcile()
+                self.reconcile(from_kernel=True)
                 if not ready_sent:
                     # Programs attached and the snapshot applied: now, and only now, ready.
                     self.notifier.ready(self._status_line())
@@ -244,6 +410,9 @@ class Daemon:
                         break
                     now = time.monotonic()
                     self.notifier.tick(now)
+                    if self.reload_requested.is_set():
+                        self.reload_requested.clear()
+                        self.reload()
                     changes = []
                     if label is not None:
                         self.health.last_event = time.time()
@@ -258,10 +427,12 @@ class Daemon:
                     if now - last_sync > RESYNC_S:
                         changes += self.table.load_snapshot(list_sas(self.cfg.vici_socket))
                         last_sync = now
-                        self.reconcile()
-                    if changes:
+                        self._apply_changes(changes)
+                        self.reconcile(from_kernel=True)
+                    elif changes:
                         self._apply_changes(changes)
                         self.reconcile()
+                    if changes:
                         self.notifier.status(self._status_line())
             except ViciUnavailable as exc:
                 self.health.vici_connected = False
@@ -274,6 +445,9 @@ class Daemon:
                 deadline = time.monotonic() + delay
                 while not stop.is_set() and time.monotonic() < deadline:
                     self.notifier.tick()
+                    if self.reload_requested.is_set():
+                        self.reload_requested.clear()
+                        self.reload()
                     stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
             finally:
                 if stream is not None:
@@ -281,39 +455,99 @@ class Daemon:
 
     # -- teardown ---------------------------------------------------------------------------
     def _unmount_bpffs(self) -> None:
-        # Ours, and only while nobody pinned anything else there since.
-        root = self.mounted_bpffs
+        # Mounted by us (or the daemon we took over from), and only while nobody else pinned
+        # anything there since.
+        root = self.bpffs_mounted
         if root is not None and not any(root.iterdir()):
             subprocess.run(["umount", str(root)], check=False, capture_output=True)
 
-    def teardown(self) -> None:
-        """Remove everything this daemon created; safe after a partial set-up."""
-        self.notifier.stopping()
-        steps: list[tuple[str, Callable[[], object]]] = [
-            (f"tc filter on ifindex {index}", partial(tc.detach, index))
-            for index in reversed(self.attached)
-        ]
+    def _hand_over_groups(self) -> None:
+        groups = self.groups
+        assert groups is not None
+        if self.notifier.store_fd(GROUPS_FD, groups.sock.fileno()):
+            log.info("group memberships kept in systemd's file-descriptor store")
+        groups.close()
+
+    def teardown(self, mode: ExitMode = ExitMode.STOP) -> None:
+        """STOP: remove everything this daemon created (safe after a partial set-up).
+        HANDOVER: let go of the data path and leave it forwarding."""
+        final = mode is ExitMode.STOP
+        self.notifier.stopping(
+            "stopping: removing filters, rules, routes, maps"
+            if final
+            else "restarting: the data path keeps forwarding"
+        )
+        steps: list[tuple[str, Callable[[], object]]] = []
         if self.metrics_server is not None:
             server = self.metrics_server
             steps.append(("metrics server", lambda: (server.shutdown(), server.server_close())))
-        if self.rules is not None:
-            steps.append(("MARK chains", self.rules.remove))
-        if self.xfrm is not None:
-            steps.append(("routes", partial(links.sync_routes, [], self.xfrm.index)))
-        if self.groups is not None:
-            steps.append(("group memberships", self.groups.close))
-        if self.datapath is not None:
-            steps.append(("programs and pinned maps", partial(self.datapath.close, unpin=True)))
-        if self.xfrm is not None and self._xfrm_given is None:
-            steps.append(("XFRM interface", partial(links.remove_xfrm, self.xfrm)))
-        if self.mounted_bpffs is not None:
-            steps.append(("bpffs mount", self._unmount_bpffs))
-        steps.append(("state file", partial(self.cfg.state_file.unlink, missing_ok=True)))
+        if not final:
+            if self.groups is not None:
+                steps.append(("group memberships", self._hand_over_groups))
+            if self.datapath is not None:
+                steps.append(("map descriptors", self.datapath.close))
+                steps.append(("state file", self.write_state))
+        else:
+            steps += [
+                (f"tc filter on ifindex {index}", partial(tc.detach, index))
+                for index in reversed(self.hooks.values())
+            ]
+            if self.rules is not None:
+                steps.append(("MARK chains", self.rules.remove))
+            if self.xfrm is not None:
+                steps.append(("routes", partial(links.sync_routes, [], self.xfrm.index)))
+            if self.groups is not None:
+                steps.append(("stored memberships", partial(self.notifier.drop_fd, GROUPS_FD)))
+                steps.append(("group memberships", self.groups.close))
+            if self.datapath is not None:
+                steps.append(("programs and pinned maps", self.datapath.remove))
+            if self.xfrm is not None and self._xfrm_given is None:
+                steps.append(("XFRM interface", partial(links.remove_xfrm, self.xfrm)))
+            if self.bpffs_mounted is not None:
+                steps.append(("bpffs mount", self._unmount_bpffs))
+            steps.append(("state file", partial(self.cfg.state_file.unlink, missing_ok=True)))
         for what, step in steps:
             try:
                 step()
             except Exception as exc:  # keep going: leave as little behind as possible
                 log.error("teardown: %s: %s", what, exc)
-        self.attached.clear()
+        self.hooks.clear()
         self.rules = self.groups = self.datapath = self.metrics_server = None
         self.xfrm = self._xfrm_given
+
+
+def remove_left_datapath(cfg: Config) -> list[str]:
+    """What a STOP removes, for a data path whose daemon is gone (a hand-over without a
+    successor, a crash). The state file it left names its filters; the rest is found by what
+    marks it as ours: the chains' names, the route protocol, the interface alias, the pins."""
+    removed: list[str] = []
+    try:
+        state = dict(json.loads(cfg.state_file.read_text()))
+    except (OSError, ValueError):
+        state = {}
+    xfrm = links.lookup_xfrm(cfg.xfrm.name)
+    hooks = {int(f["ifindex"]) for f in state.get("filters", {}).values()}
+    hooks |= {xfrm.index} if xfrm else set()
+    for ifindex in sorted(hooks):
+        if tc.our_filter(ifindex) and tc.detach(ifindex):
+            removed.append(f"tc filter on ifindex {ifindex}")
+    rules = netfilter.Rules()
+    if rules.present():
+        rules.remove()
+        removed.append("MARK chains")
+    _added, routes = links.sync_routes([], 0)
+    removed += [f"route {net}" for net in sorted(routes, key=str)]
+    if cfg.pin_dir.exists():
+        remove_pins(cfg.pin_dir)
+        removed.append(f"pins in {cfg.pin_dir}")
+    if xfrm is not None and xfrm.created:
+        links.remove_xfrm(xfrm)
+        removed.append(f"XFRM interface {xfrm.name}")
+    mounted = state.get("bpffs_mounted")
+    if mounted and not any(Path(mounted).iterdir()):
+        subprocess.run(["umount", mounted], check=False, capture_output=True)
+        removed.append(f"bpffs mount {mounted}")
+    if cfg.state_file.exists():
+        cfg.state_file.unlink()
+        removed.append("state file")
+    return removed

@@ -2,27 +2,40 @@
 
 Control plane code writes `DatapathConfig` and `SaEntry` values; it never touches bcc or
 ctypes. Everything here mirrors bpf/forecast.h through forecast.layout.
+
+What lives under `pin_dir` (a bpffs directory), and why it outlives the daemon:
+  maps-<L>/{config,sas,marks,counters,drops}   L: digest of the map layout (forecast.h, maps.h)
+  prog-<P>-lan, prog-<P>-tunnel                 P: digest of every BPF source, the kernel, bcc
+The tc filters hold the programs and the programs the maps, so forwarding goes on while no
+daemon runs (a restart, an upgrade, a crash). A restarted daemon whose P is already pinned
+adopts the programs without compiling; a new P (an upgrade) is compiled beside the running one
+and swapped in atomically; a new L gets fresh maps, filled before the swap.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
+import platform
 import shutil
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
 
 from forecast import bpf_build, layout
 from forecast.layout import Direction, DropReason
+from forecast.pinned import PinnedCounters, PinnedMap, obj_get, obj_pin
 
 PROGRAMS = {
     "lan": ("lan_ingress.bpf.c", "fc_lan_ingress"),
     "tunnel": ("tunnel_ingress.bpf.c", "fc_tunnel_ingress"),
 }
 MAP_NAMES = ("config", "sas", "marks", "counters", "drops")
+# The map definitions: a change here needs new maps; any other source change only new programs.
+LAYOUT_SOURCES = ("forecast.h", "lib/maps.h")
 
 
 class DatapathError(RuntimeError):
@@ -95,38 +108,110 @@ def encode_sa(sa: SaEntry) -> layout.FcSa:
     return out
 
 
-def _leaf(table: Any, value: ctypes.Structure) -> Any:
-    # bcc builds its own ctypes types from the C source: equal sizes prove the mirror holds.
-    if ctypes.sizeof(table.Leaf) != ctypes.sizeof(value):
-        raise DatapathError(
-            f"{type(value).__name__} is {ctypes.sizeof(value)} bytes, the map "
-            f"holds {ctypes.sizeof(table.Leaf)}: forecast/layout.py is stale"
-        )
-    return table.Leaf.from_buffer_copy(bytes(value))
+def decode_sa(value: layout.FcSa) -> SaEntry | None:
+    """A slot as the kernel holds it; None for an empty one."""
+    if not value.flags & layout.FC_SA_ACTIVE:
+        return None
+    selectors = []
+    for ts in value.ts[: min(int(value.n_ts), layout.FC_MAX_TS)]:
+        addr = IPv4Address(struct.pack("=I", ts.addr))  # stored in network byte order
+        mask = IPv4Address(struct.pack("=I", ts.mask))
+        selectors.append(IPv4Network(f"{addr}/{mask}", strict=False))
+    return SaEntry(
+        int(value.mark_out),
+        int(value.mark_in),
+        tuple(selectors),
+        bool(value.flags & layout.FC_SA_REINJECT),
+    )
+
+
+def _digest(parts: Iterable[bytes]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()[:12]
+
+
+def layout_digest(bpf_dir: Path | None = None) -> str:
+    src = bpf_dir or bpf_build.bpf_dir()
+    return _digest((src / name).read_bytes() for name in LAYOUT_SOURCES)
+
+
+def program_digest(bpf_dir: Path | None = None) -> str:
+    """Everything that makes a compiled program what it is."""
+    src = bpf_dir or bpf_build.bpf_dir()
+    files = sorted(p for p in src.rglob("*") if p.suffix in (".c", ".h"))
+    return _digest(
+        [
+            *(str(p.relative_to(src)).encode() + p.read_bytes() for p in files),
+            platform.release().encode(),
+            bpf_build.bcc_version().encode(),
+        ]
+    )
+
+
+def filter_name(function: str, digest: str) -> str:
+    """What a tc filter of ours is called: which program, and which build of it."""
+    return f"{function}-{digest}"
 
 
 class Datapath:
-    """Both programs compiled and loaded, maps pinned under `pin_dir`."""
+    """Both programs loaded and pinned under `pin_dir`, with typed access to their maps."""
 
     def __init__(self, pin_dir: Path) -> None:
         self.pin_dir = pin_dir
-        self._bpf: dict[str, Any] = {}
+        self.layout = layout_digest()
+        self.digest = program_digest()
+        self.maps_dir = pin_dir / f"maps-{self.layout}"
         self.fds: dict[str, int] = {}
+        self.maps: dict[str, PinnedMap] = {}
+        self.compiled = False  # False: adopted from pins, no compile needed
+        self.fresh_maps = False  # True: this layout's maps did not exist before this start
+        self._counters: PinnedCounters | None = None
+
+    def _prog_pin(self, role: str, digest: str | None = None) -> Path:
+        return self.pin_dir / f"prog-{digest or self.digest}-{role}"
+
+    def filter_name(self, role: str) -> str:
+        return filter_name(PROGRAMS[role][1], self.digest)
 
     def load(self) -> None:
+        """Adopt this build's pinned programs, or compile and pin them; open the maps."""
         self.pin_dir.mkdir(parents=True, exist_ok=True)
-        for role, (source, function) in PROGRAMS.items():
-            self._bpf[role], self.fds[role] = bpf_build.compile_program(
-                source, function, self.pin_dir
-            )
+        self.fresh_maps = not self.maps_dir.exists()
+        if self.fresh_maps or not all(self._prog_pin(role).exists() for role in PROGRAMS):
+            self.maps_dir.mkdir(exist_ok=True)
+            for role, (source, function) in PROGRAMS.items():
+                bpf, fd = bpf_build.compile_program(source, function, self.maps_dir)
+                try:
+                    self._prog_pin(role).unlink(missing_ok=True)  # one without its maps
+                    obj_pin(fd, self._prog_pin(role))
+                finally:
+                    bpf.cleanup()  # the pin (and later the tc filter) keeps the program
+            self.compiled = True
+        for role in PROGRAMS:
+            self.fds[role] = obj_get(self._prog_pin(role))
+        for name in MAP_NAMES:
+            self.maps[name] = PinnedMap(self.maps_dir / name)
+        self._counters = PinnedCounters(self.maps_dir)
 
-    def _table(self, name: str) -> Any:
-        return self._bpf["lan"].get_table(f"fc_{name}".encode())
+    def stale_pins(self) -> list[Path]:
+        """Programs and maps of other builds: unused once our filters are in place."""
+        keep = {self.maps_dir, *(self._prog_pin(role) for role in PROGRAMS)}
+        if not self.pin_dir.exists():
+            return []
+        return sorted(p for p in self.pin_dir.iterdir() if p not in keep)
+
+    def prune(self) -> list[Path]:
+        """Unpin what stale_pins() names; returns it."""
+        stale = self.stale_pins()
+        for path in stale:
+            _unpin(path)
+        return stale
 
     # -- writes -----------------------------------------------------------------------------
     def write_config(self, cfg: DatapathConfig) -> None:
-        table = self._table("config")
-        table[ctypes.c_uint32(0)] = _leaf(table, encode_config(cfg))
+        self.maps["config"].update(0, encode_config(cfg))
 
     def write_sa(self, slot: int, sa: SaEntry | None) -> None:
         """Fill or clear one slot. A slot that gets a different SA (another inbound mark)
@@ -134,65 +219,81 @@ class Datapath:
         counting."""
         if not 0 <= slot < layout.FC_MAX_SAS:
             raise DatapathError(f"slot {slot} outside 0..{layout.FC_MAX_SAS - 1}")
-        table, marks = self._table("sas"), self._table("marks")
-        old = table[ctypes.c_uint32(slot)]
-        old_mark = old.mark_in if old.flags & layout.FC_SA_ACTIVE else 0
+        sas, marks = self.maps["sas"], self.maps["marks"]
+        old = self.read_slot(slot)
+        old_mark = old.mark_in if old else 0
         if sa is None:
-            table[ctypes.c_uint32(slot)] = table.Leaf()
+            sas.update(slot, layout.FcSa())
             if old_mark:
-                marks.pop(ctypes.c_uint32(old_mark), None)
+                marks.delete(old_mark)
             return
-        value = _leaf(table, encode_sa(sa))
+        value = encode_sa(sa)
         if old_mark != sa.mark_in:
             if old_mark:
-                marks.pop(ctypes.c_uint32(old_mark), None)
-            self._zero_counters(slot)
-        table[ctypes.c_uint32(slot)] = value
-        marks[ctypes.c_uint32(sa.mark_in)] = ctypes.c_uint32(slot)
-
-    def active_slots(self) -> dict[int, int]:
-        """mark_in → slot of every filled slot: what a restarted daemon adopts."""
-        table = self._table("sas")
-        out = {}
-        for slot in range(layout.FC_MAX_SAS):
-            value = table[ctypes.c_uint32(slot)]
-            if value.flags & layout.FC_SA_ACTIVE:
-                out[int(value.mark_in)] = slot
-        return out
-
-    def _zero_counters(self, slot: int) -> None:
-        counters = self._table("counters")
-        for d in Direction:
-            # A per-CPU table's Leaf is already the array over every possible CPU.
-            counters[ctypes.c_uint32(layout.counter_key(slot, d))] = counters.Leaf()
+                marks.delete(old_mark)
+            assert self._counters is not None
+            self._counters.zero(slot)
+        sas.update(slot, value)
+        marks.update(sa.mark_in, ctypes.c_uint32(slot))
 
     # -- reads ------------------------------------------------------------------------------
+    def read_slot(self, slot: int) -> SaEntry | None:
+        value = layout.FcSa()
+        if not self.maps["sas"].lookup(slot, value):
+            raise DatapathError(f"sas[{slot}] unreadable")
+        return decode_sa(value)
+
+    def read_slots(self) -> dict[int, SaEntry]:
+        """Every filled slot as the kernel holds it: what a restarted daemon starts from."""
+        out = {}
+        for slot in range(layout.FC_MAX_SAS):
+            entry = self.read_slot(slot)
+            if entry is not None:
+                out[slot] = entry
+        return out
+
     def counters(self, slots: Iterable[int] | None = None) -> dict[int, SlotCounters]:
-        table = self._table("counters")
+        assert self._counters is not None
         out: dict[int, SlotCounters] = {}
         for slot in slots if slots is not None else range(layout.FC_MAX_SAS):
             sc = SlotCounters()
-            for d in Direction:
-                per_cpu = table[ctypes.c_uint32(layout.counter_key(slot, d))]
-                sc.by_direction[d] = Traffic(
-                    sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu)
-                )
+            for d, (packets, nbytes) in self._counters.slot(slot).items():
+                sc.by_direction[d] = Traffic(packets, nbytes)
             out[slot] = sc
         return out
 
     def drops(self) -> dict[DropReason, int]:
-        table = self._table("drops")
-        return {r: int(sum(table[ctypes.c_uint32(r.value)])) for r in DropReason}
+        assert self._counters is not None
+        return self._counters.drop_counts()
 
     # -- teardown ---------------------------------------------------------------------------
-    def close(self, *, unpin: bool) -> None:
-        for bpf in self._bpf.values():
-            bpf.cleanup()
-        self._bpf.clear()
+    def close(self) -> None:
+        """Let go of every descriptor; the pins (and what the filters hold) stay."""
+        for fd in self.fds.values():
+            os.close(fd)
         self.fds.clear()
-        if unpin:
-            for name in MAP_NAMES:
-                path = self.pin_dir / name
-                if path.exists():
-                    os.unlink(path)
-            shutil.rmtree(self.pin_dir, ignore_errors=True)
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
+        if self._counters is not None:
+            self._counters.close()
+            self._counters = None
+
+    def remove(self) -> None:
+        """A deliberate stop: close, then unpin every program and map of every build."""
+        self.close()
+        remove_pins(self.pin_dir)
+
+
+def _unpin(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)  # bpffs: unlink each pin, then the directory
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_pins(pin_dir: Path) -> None:
+    if pin_dir.exists():
+        for path in pin_dir.iterdir():
+            _unpin(path)
+        pin_dir.rmdir()

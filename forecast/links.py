@@ -11,12 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -145,6 +146,16 @@ def ensure_xfrm(name: str, if_id: int, dev: str, netns: str | None = None) -> Xf
         return XfrmInterface(name, index, True)
 
 
+def lookup_xfrm(name: str, netns: str | None = None) -> XfrmInterface | None:
+    """The interface by that name; `created` tells whether it is ours (by its alias)."""
+    with _ipr(netns) as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return None
+        link = ipr.get_links(found[0])[0]
+        return XfrmInterface(name, found[0], link.get_attr("IFLA_IFALIAS") == ALIAS)
+
+
 def remove_xfrm(xfrm: XfrmInterface, netns: str | None = None) -> None:
     if not xfrm.created:
         return
@@ -196,20 +207,52 @@ def sync_routes(
 
 
 class GroupMemberships:
-    """IP_ADD_MEMBERSHIP on the LAN interface; closing the socket leaves every group."""
+    """IP_ADD_MEMBERSHIP on the LAN interface, held by one socket: closing it leaves every
+    group. `sock` adopts the socket a previous daemon held (`held`: the groups it joined), so a
+    restart never leaves and rejoins."""
 
-    def __init__(self, lan: LanInterface, groups: Iterable[IPv4Address]) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
-        self.groups = list(groups)
-        for group in self.groups:
-            mreqn = struct.pack(
-                "4s4si", group.packed, IPv4Interface(f"{lan.address}/32").ip.packed, lan.index
-            )
+    def __init__(
+        self,
+        lan: LanInterface,
+        groups: Iterable[IPv4Address],
+        *,
+        sock: socket.socket | None = None,
+        held: Iterable[IPv4Address] = (),
+    ) -> None:
+        self.lan = lan
+        self.sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        self.groups: list[IPv4Address] = list(held) if sock is not None else []
+        try:
+            self.set(groups)
+        except LinkError:
+            self.sock.close()
+            raise
+
+    def _mreqn(self, group: IPv4Address) -> bytes:
+        return struct.pack("4s4si", group.packed, self.lan.address.packed, self.lan.index)
+
+    def set(self, groups: Iterable[IPv4Address]) -> tuple[list[IPv4Address], list[IPv4Address]]:
+        """Join what is new, leave what is gone; (joined, left)."""
+        want = list(groups)
+        joined = [g for g in want if g not in self.groups]
+        left = [g for g in self.groups if g not in want]
+        for group in joined:
             try:
-                self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+                self.sock.setsockopt(
+                    socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, self._mreqn(group)
+                )
             except OSError as exc:
-                self.sock.close()
-                raise LinkError(f"cannot join {group} on {lan.name}: {exc.strerror}") from None
+                if exc.errno != errno.EADDRINUSE:  # already held by the adopted socket
+                    raise LinkError(
+                        f"cannot join {group} on {self.lan.name}: {exc.strerror}"
+                    ) from None
+        for group in left:
+            with contextlib.suppress(OSError):  # not held: nothing to leave
+                self.sock.setsockopt(
+                    socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, self._mreqn(group)
+                )
+        self.groups = want
+        return joined, left
 
     def close(self) -> None:
         self.sock.close()

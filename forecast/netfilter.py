@@ -75,6 +75,15 @@ class Rules:
         argv = [self.backend.iptables, "-w", "-t", "mangle", "-C", hook, "-j", CHAINS[hook]]
         return _run(argv, self.netns, check=False).returncode == 0
 
+    def present(self) -> bool:
+        """Is anything of ours (a chain or a jump to one) in the mangle table?"""
+        text = _run([self.backend.save, "-t", "mangle"], self.netns).stdout
+        return any(chain in text for chain in CHAINS.values())
+
+    def hooked(self) -> bool:
+        """Are both our chains jumped to from their hooks?"""
+        return all(self._jump_present(hook) for hook in CHAINS)
+
     def apply(self, rules: Iterable[MarkRule]) -> None:
         """Replace our chains' contents in one commit; hook them in at the top once."""
         _run([self.backend.restore, "-w", "--noflush"], self.netns, render(rules))

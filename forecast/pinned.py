@@ -1,10 +1,15 @@
-"""Read the daemon's pinned maps from any process (`forecast-bpf status`) through libbpf (the
-library bcc itself links): no compile, and status works as long as the maps are pinned,
-without asking the daemon anything."""
+"""Pinned BPF objects through libbpf (the library bcc itself links), from any process.
+
+The one way this project reads and writes its maps: the daemon (fill SA slots, adopt them after
+a restart), `status` and the metrics all go through a pinned map's file descriptor, so none of
+them needs bcc, a compile or the daemon's memory. Programs are pinned too: a restarted daemon
+adopts them without compiling (forecast.datapath).
+"""
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -13,19 +18,46 @@ from forecast import layout
 from forecast.layout import Direction, DropReason
 
 _lib: ctypes.CDLL | None = None
+BPF_ANY = 0
 
 
 class PinnedError(RuntimeError):
-    """A pinned map is missing or unreadable; the message names it."""
+    """A pinned object is missing or unusable; the message names it."""
 
 
 def _libbpf() -> ctypes.CDLL:
     global _lib
     if _lib is None:
-        _lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
-        _lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
-        _lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+        lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+        lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+        lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        lib.bpf_map_update_elem.argtypes = [
+            ctypes.c_int,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_uint64,
+        ]
+        _lib = lib
     return _lib
+
+
+def _errno_text() -> str:
+    return os.strerror(ctypes.get_errno())
+
+
+def obj_get(path: Path) -> int:
+    """A new file descriptor for the object pinned at `path`."""
+    fd = int(_libbpf().bpf_obj_get(str(path).encode()))
+    if fd < 0:
+        raise PinnedError(f"{path}: {_errno_text()}")
+    return fd
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    if _libbpf().bpf_obj_pin(fd, str(path).encode()) != 0:
+        raise PinnedError(f"cannot pin at {path}: {_errno_text()}")
 
 
 def possible_cpus() -> int:
@@ -39,29 +71,48 @@ def possible_cpus() -> int:
 
 
 class PinnedMap:
+    """One pinned map with u32 keys."""
+
     def __init__(self, path: Path) -> None:
-        fd = _libbpf().bpf_obj_get(str(path).encode())
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise PinnedError(f"{path}: {os.strerror(err)} (is the daemon running?)")
-        self.fd = fd
+        try:
+            self.fd = obj_get(path)
+        except PinnedError as exc:
+            raise PinnedError(f"{exc} (is the data path loaded?)") from None
         self.path = path
 
-    def lookup(self, key: int, value: ctypes.Array[Any] | ctypes.Structure) -> bool:
+    def lookup(self, key: int, value: Any) -> bool:
         k = ctypes.c_uint32(key)
         rc: int = _libbpf().bpf_map_lookup_elem(self.fd, ctypes.byref(k), ctypes.byref(value))
         return rc == 0
 
+    def update(self, key: int, value: Any) -> None:
+        k = ctypes.c_uint32(key)
+        if _libbpf().bpf_map_update_elem(self.fd, ctypes.byref(k), ctypes.byref(value), BPF_ANY):
+            raise PinnedError(f"{self.path.name}[{key}]: update failed: {_errno_text()}")
+
+    def delete(self, key: int) -> None:
+        k = ctypes.c_uint32(key)
+        if _libbpf().bpf_map_delete_elem(self.fd, ctypes.byref(k)) and (
+            ctypes.get_errno() != errno.ENOENT
+        ):
+            raise PinnedError(f"{self.path.name}[{key}]: delete failed: {_errno_text()}")
+
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class PinnedCounters:
-    """Counters and drops, summed over CPUs."""
+    """Counters and drops, summed over CPUs: what `status` and the metrics read."""
 
-    def __init__(self, pin_dir: Path) -> None:
-        self.counters = PinnedMap(pin_dir / "counters")
-        self.drops = PinnedMap(pin_dir / "drops")
+    def __init__(self, maps_dir: Path) -> None:
+        self.counters = PinnedMap(maps_dir / "counters")
+        try:
+            self.drops = PinnedMap(maps_dir / "drops")
+        except PinnedError:
+            self.counters.close()
+            raise
         self.ncpu = possible_cpus()
 
     def slot(self, slot: int) -> dict[Direction, tuple[int, int]]:
@@ -72,6 +123,10 @@ class PinnedCounters:
                 raise PinnedError(f"counters[{slot}, {d.name}] unreadable")
             out[d] = (sum(v.packets for v in values), sum(v.bytes for v in values))
         return out
+
+    def zero(self, slot: int) -> None:
+        for d in Direction:
+            self.counters.update(layout.counter_key(slot, d), (layout.FcCounter * self.ncpu)())
 
     def drop_counts(self) -> dict[DropReason, int]:
         out = {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from forecast import tc
 from forecast.layout import Direction
 from forecast.pinned import PinnedCounters, PinnedError
 
@@ -38,16 +39,27 @@ class Snapshot:
         return list(self.doc["sas"])
 
 
+def _filters_attached(state: dict[str, Any]) -> bool:
+    """Are the data path's filters (as the state file names them) still on their devices?"""
+    filters = state.get("filters", {})
+    return bool(filters) and all(
+        tc.our_filter(int(f["ifindex"])) == f["name"] for f in filters.values()
+    )
+
+
 def read(state_file: Path) -> Snapshot:
+    """The daemon's view and the live counters. A daemon that is gone while its filters still
+    forward (a crash, a restart in progress) is reported as such, with the counters."""
     try:
         state = json.loads(state_file.read_text())
     except FileNotFoundError:
         raise NotRunning(f"forecast-bpf is not running (no {state_file})") from None
     pid = int(state.get("pid", 0))
-    if not pid or not os.path.exists(f"/proc/{pid}"):
+    running = bool(pid) and os.path.exists(f"/proc/{pid}")
+    if not running and not (state.get("maps_dir") and _filters_attached(state)):
         raise NotRunning(f"forecast-bpf is not running (pid {pid} in {state_file} is gone)")
     try:
-        counters = PinnedCounters(Path(state["pin_dir"]))
+        counters = PinnedCounters(Path(state["maps_dir"]))
     except PinnedError as exc:
         raise NotRunning(f"forecast-bpf is not running properly: {exc}") from None
     try:
@@ -69,6 +81,7 @@ def read(state_file: Path) -> Snapshot:
         {
             "schema": SCHEMA_VERSION,
             "daemon": {
+                "running": running,
                 "pid": pid,
                 "vici_connected": state.get("vici_connected", False),
                 "sync_errors": state.get("sync_errors", 0),
@@ -151,11 +164,17 @@ def render_table(snap: Snapshot, rates: dict[str, dict[str, float]] | None = Non
     drops = ", ".join(f"{k} {v}" for k, v in snap.doc["drops"].items() if v) or "none"
     lines.append(f"drops: {drops}")
     daemon = snap.doc["daemon"]
-    lines.append(
-        f"daemon pid {daemon['pid']}, VICI "
-        f"{'connected' if daemon['vici_connected'] else 'DISCONNECTED'}, "
-        f"sync errors {daemon['sync_errors']}"
-    )
+    if daemon["running"]:
+        lines.append(
+            f"daemon pid {daemon['pid']}, VICI "
+            f"{'connected' if daemon['vici_connected'] else 'DISCONNECTED'}, "
+            f"sync errors {daemon['sync_errors']}"
+        )
+    else:
+        lines.append(
+            f"daemon DOWN (pid {daemon['pid']} is gone); the data path still forwards for "
+            f"these {len(snap.sas)} SAs, frozen until a daemon is back"
+        )
     for uid, reason in snap.doc["ignored"].items():
         lines.append(f"ignored SA #{uid}: {reason}")
     return "\n".join(lines)

@@ -1,7 +1,9 @@
 """Attach and detach TC programs with pyroute2: clsact qdisc, direct-action bpf filter.
 
-Filters carry an explicit priority: a delete must name the same one or it fails (datapath.md),
-and an explicit one lets the daemon find and replace its own filters after a restart.
+Filters carry an explicit priority and handle: a delete must name the same priority or it fails,
+and a fixed (priority, handle) lets a restarted daemon find its own filter and replace the
+program in it atomically (cls_bpf swaps it under RCU: every packet sees the old program or the
+new one, never neither).
 """
 
 from __future__ import annotations
@@ -13,13 +15,21 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 INGRESS = "ffff:fff2"
-EGRESS = "ffff:fff3"
+HANDLE = ":1"
 DEFAULT_PRIO = 0xFC  # "fc": unlikely to clash with an operator's own filters
 
 
 def _ipr(netns: str | None) -> IPRoute:
     # flags=0: never create a namespace that does not exist (the default would).
     return IPRoute(netns=netns, flags=0) if netns else IPRoute()
+
+
+def ensure_clsact(ifindex: int, ipr: Any) -> None:
+    try:
+        ipr.tc("add", "clsact", ifindex)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
 
 
 def attach(
@@ -31,18 +41,14 @@ def attach(
     parent: str = INGRESS,
     prio: int = DEFAULT_PRIO,
 ) -> None:
+    """Install our filter, or swap the program in it atomically if it is there."""
     with _ipr(netns) as ipr:
-        try:
-            ipr.tc("add", "clsact", ifindex)
-        except NetlinkError as exc:
-            if exc.code != errno.EEXIST:
-                raise
-        detach(ifindex, netns=netns, parent=parent, prio=prio, ipr=ipr)  # replace our own
+        ensure_clsact(ifindex, ipr)
         ipr.tc(
-            "add-filter",
+            "replace-filter",
             "bpf",
             ifindex,
-            ":1",
+            HANDLE,
             fd=fd,
             name=name,
             parent=parent,
@@ -64,7 +70,7 @@ def detach(
     own = ipr is None
     ipr = ipr or _ipr(netns)
     try:
-        ipr.tc("del-filter", "bpf", ifindex, ":1", parent=parent, prio=prio)
+        ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=parent, prio=prio)
         return True
     except NetlinkError as exc:
         if exc.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
@@ -95,3 +101,9 @@ def bpf_filters(
             if name:
                 out.append((msg["info"] >> 16, name))
         return out
+
+
+def our_filter(ifindex: int, *, netns: str | None = None, prio: int = DEFAULT_PRIO) -> str | None:
+    """The name of the program in our filter on the ingress hook; None when there is none."""
+    names = [name for p, name in bpf_filters(ifindex, netns=netns) if p == prio]
+    return names[0] if names else None

@@ -8,6 +8,7 @@ snapshot: the table is always derived, never replayed from memory.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,15 +44,6 @@ def list_sas(path: Path) -> list[Any]:
         sock.close()
 
 
-def version(path: Path) -> dict[str, str]:
-    sock = _connect(path)
-    try:
-        answer = vici.Session(sock).version()
-    finally:
-        sock.close()
-    return {k: (v.decode() if isinstance(v, bytes) else str(v)) for k, v in answer.items()}
-
-
 class EventStream:
     """A registered event listener: iterate for (event, payload), (None, None) when idle."""
 
@@ -81,4 +73,9 @@ class EventStream:
                 yield self._next()
 
     def close(self) -> None:
+        # The generator first, while its socket is open: its clean-up unregisters the events,
+        # and run later (at garbage collection) on a closed socket it would print a traceback.
+        # If charon went away, closing the socket below ends the registration anyway.
+        with contextlib.suppress(OSError, vici.exception.SessionException, ValueError):
+            self._gen.close()
         self.sock.close()

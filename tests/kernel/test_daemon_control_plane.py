@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from forecast import tc
+from forecast.datapath import program_digest
 from forecast.lab import netns
 from forecast.lab.conns import GatewayMode
 from forecast.lab.lab import Lab, LabOptions
@@ -48,11 +49,12 @@ def test_connect_rekey_disconnect_stop(running: Running) -> None:
         for name in ("eth1", "xfs0")
     }
     assert running.state()["slots"] == {}
+    build = program_digest()
     assert tc.bpf_filters(gw_ifindex["eth1"], netns=running.gw) == [
-        (tc.DEFAULT_PRIO, "fc_lan_ingress")
+        (tc.DEFAULT_PRIO, f"fc_lan_ingress-{build}")
     ]
     assert tc.bpf_filters(gw_ifindex["xfs0"], netns=running.gw) == [
-        (tc.DEFAULT_PRIO, "fc_tunnel_ingress")
+        (tc.DEFAULT_PRIO, f"fc_tunnel_ingress-{build}")
     ]
 
     # Groups joined on the LAN interface (IGMP-snooping switches then deliver them).

@@ -98,7 +98,7 @@ def gateway(run_prefix: str, tmp_path: Path) -> Iterator[Gateway]:
         tc.attach(ifindex["xf0"], datapath.fds["tunnel"], "fc_tunnel_ingress", netns=gw)
         yield Gateway(gw, lan, datapath, ifindex)
     finally:
-        datapath.close(unpin=True)
+        datapath.remove()
         netns.delete(gw)
         netns.delete(lan)
         subprocess.run(["umount", str(pins)], check=False)
