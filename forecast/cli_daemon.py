@@ -17,7 +17,7 @@ from forecast import check, config, status, systemd
 from forecast.bpf_build import BuildError
 from forecast.config import ConfigError
 from forecast.datapath import DatapathError
-from forecast.links import LinkError
+from forecast.links import LinkError, XfrmInterface
 from forecast.netfilter import NetfilterError
 from forecast.vici_source import ViciUnavailable
 
@@ -71,21 +71,22 @@ def _single_instance(path: Path) -> IO[str] | str:
     return f
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, xfrm: XfrmInterface | None = None) -> int:
+    """The daemon until a signal; xfrm: a given interface instead of our own (tests)."""
     from forecast.daemon import Daemon, ExitMode
 
+    if why := _need_root("run"):
+        return _fail(why)
     try:
         cfg = _config(args)
     except ConfigError as exc:
         return _fail(str(exc))
-    if why := _need_root("run"):
-        return _fail(why)
     _logging(cfg.log_level)
     log = logging.getLogger("forecast-bpf")
     lock = _single_instance(cfg.state_file.with_suffix(".lock"))
     if isinstance(lock, str):
         return _fail(lock)
-    daemon = Daemon(cfg, config_path=Path(args.config))
+    daemon = Daemon(cfg, xfrm=xfrm, config_path=Path(args.config))
     stop = threading.Event()
     asked: set[int] = set()
 
@@ -121,12 +122,12 @@ def run_stop(args: argparse.Namespace) -> int:
     """Remove a data path that no daemon runs (left by a hand-over or a crash)."""
     from forecast.daemon import remove_left_datapath
 
+    if why := _need_root("stop"):
+        return _fail(why)
     try:
         cfg = _config(args)
     except ConfigError as exc:
         return _fail(str(exc))
-    if why := _need_root("stop"):
-        return _fail(why)
     _logging(cfg.log_level)
     lock = _single_instance(cfg.state_file.with_suffix(".lock"))
     if isinstance(lock, str):

@@ -111,11 +111,13 @@ def send_main(args: argparse.Namespace) -> int:
             _ifindex(args.iface),
         )
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+    start = time.monotonic()
     for seq in range(args.count):
         payload = f"{args.tag} {seq}" + (" " + "." * (args.pad - 1) if args.pad else "")
         sock.sendto(payload.encode(), (args.dst, args.port))
         if args.interval:
-            time.sleep(args.interval)
+            # Paced on a fixed schedule: a slow step does not lower the rate after it.
+            time.sleep(max(0.0, start + (seq + 1) * args.interval - time.monotonic()))
     return 0
 
 
@@ -213,7 +215,10 @@ def send(
     ttl: int = 1,
     pad: int = 0,
     mark: int = 0,
-) -> None:
+    interval: float | None = None,
+    background: bool = False,
+) -> subprocess.Popen[str] | None:
+    """Send `count` tagged datagrams; background: return the running sender instead."""
     argv = [
         *_in_netns(netns),
         "send",
@@ -236,9 +241,14 @@ def send(
         argv += ["--src", src]
     if iface:
         argv += ["--iface", iface]
+    if interval is not None:
+        argv += ["--interval", str(interval)]
+    if background:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"send from {netns} to {dst} failed: {proc.stderr.strip()}")
+    return None
 
 
 def ping(netns: str, dst: str, count: int = 3, src: str | None = None) -> bool:

@@ -5,6 +5,7 @@ Shared by the control-plane and observability tests."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -21,7 +22,19 @@ from forecast.lab.conns import GatewayMode
 from forecast.lab.lab import Lab, LabOptions
 
 HELPER = Path(__file__).with_name("standin_daemon.py")
+# The interpreter the daemon runs under: this one, or an installed build's (test_install.py).
+DAEMON_PYTHON = os.environ.get("FORECAST_TEST_DAEMON_PYTHON", sys.executable)
 IF_ID = 42
+
+
+def _spawn(gw: str, cfg_path: Path, log: Path, env: dict[str, str] | None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["ip", "netns", "exec", gw, DAEMON_PYTHON, str(HELPER), str(cfg_path), "xfs0"],
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
 
 
 @dataclass
@@ -32,6 +45,11 @@ class Running:
     state_file: Path
     pin_dir: Path
     log: Path
+
+    def spawn(self) -> None:
+        """Start another daemon on the same config (after this one exited or was killed)."""
+        assert self.proc.poll() is not None, "the previous daemon still runs"
+        self.proc = _spawn(self.gw, self.cfg_path, self.log, None)
 
     @property
     def gw(self) -> str:
@@ -109,13 +127,7 @@ def start_running(
         log = tmp_path / "daemon.log"
         if charon_down:
             lab.charons["gw"].stop()
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", gw, sys.executable, str(HELPER), str(cfg_path), "xfs0"],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
+        proc = _spawn(gw, cfg_path, log, env)
         r = Running(lab, proc, cfg_path, state_file, pin_dir, log)
         if not charon_down:
             r.wait("the daemon's first snapshot", lambda s: s["vici_connected"])

@@ -1,38 +1,23 @@
-"""Runs the real Daemon with a veth standing in for the XFRM interface (this kernel has none).
+"""`forecast-bpf run` with a veth standing in for the XFRM interface (this kernel has none).
 
-Test helper only: everything but the interface's creation is the product's own code path.
+Test helper only: everything but the interface's creation is the product's own code path (the
+CLI's signals, lock, logging, set-up, exit modes).
 Usage (inside the gateway's namespace): standin_daemon.py CONFIG STANDIN_IFNAME
 """
 
 from __future__ import annotations
 
-import logging
-import signal
 import socket
 import sys
-import threading
-from pathlib import Path
 
-from forecast import config, links
-from forecast.daemon import Daemon
+from forecast import cli, cli_daemon, links
 
 
 def main() -> int:
-    cfg = config.load(Path(sys.argv[1]))
-    standin = sys.argv[2]
-    logging.basicConfig(
-        level=logging.DEBUG, stream=sys.stderr, format="forecast-bpf: %(levelname)s %(message)s"
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    daemon = Daemon(cfg, xfrm=links.XfrmInterface(standin, socket.if_nametoindex(standin), False))
-    daemon.setup()
-    try:
-        daemon.serve(stop)
-    finally:
-        daemon.teardown()
-    return 0
+    config, standin = sys.argv[1], sys.argv[2]
+    args = cli.build_parser().parse_args(["run", "--config", config])
+    xfrm = links.XfrmInterface(standin, socket.if_nametoindex(standin), False)
+    return cli_daemon.run(args, xfrm=xfrm)
 
 
 if __name__ == "__main__":
