@@ -8,7 +8,7 @@ SETUP    := $(CURDIR)/scripts/setup.sh
 KERNEL   ?= 6.1
 CLIENTS  ?= 2
 
-.PHONY: setup venv test test-unit test-kernel test-lab lint demo docs-images clean
+.PHONY: setup venv test test-unit test-kernel test-lab lint demo deb docs-images clean
 
 setup:
 	@bash $(SETUP)
@@ -35,6 +35,11 @@ lint: venv
 	$(VENV)/bin/ruff check forecast tests
 	$(VENV)/bin/ruff format --check forecast tests
 	$(VENV)/bin/mypy
+
+# The Debian package for a gateway: build/forecast-bpf_<version>_all.deb (DEB_VERSION=... for
+# another build of the same code, e.g. to rehearse an upgrade).
+deb: venv
+	$(PY) scripts/build_deb.py build $(DEB_VERSION)
 
 demo: setup
 	$(VENV)/bin/forecast-bpf lab demo --clients $(CLIENTS) --kernel $(KERNEL)

@@ -151,7 +151,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "status": cli_daemon.run_status,
         }[args.command](args)
     if args.command == "lab":
-        from forecast.lab import cli_lab
+        try:
+            from forecast.lab import cli_lab
+        except ImportError:
+            print(
+                "forecast-bpf: error: the lab is not installed here (it ships with the "
+                "source tree, not with the gateway package)",
+                file=sys.stderr,
+            )
+            return 2
 
         return cli_lab.dispatch(args)
     raise AssertionError(f"unhandled command {args.command!r}")

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
-from forecast import check, config, status, systemd
+from forecast import __version__, check, config, status, systemd
 from forecast.bpf_build import BuildError
 from forecast.config import ConfigError
 from forecast.datapath import DatapathError
@@ -86,6 +86,7 @@ def run(args: argparse.Namespace, *, xfrm: XfrmInterface | None = None) -> int:
     lock = _single_instance(cfg.state_file.with_suffix(".lock"))
     if isinstance(lock, str):
         return _fail(lock)
+    log.info("forecast-bpf %s from %s", __version__, Path(__file__).parent)
     daemon = Daemon(cfg, xfrm=xfrm, config_path=Path(args.config))
     stop = threading.Event()
     asked: set[int] = set()

@@ -33,12 +33,17 @@ def find_release_source(codename: str, apt_etc: Path) -> dict[str, str] | None:
         for fields in _deb822_stanzas(path.read_text()):
             if fields.get("enabled", "yes").lower() == "no":
                 continue
-            if codename in fields.get("suites", "").split() and \
-                    "deb" in fields.get("types", "").split():
+            if (
+                codename in fields.get("suites", "").split()
+                and "deb" in fields.get("types", "").split()
+            ):
                 return fields
     one_line = [apt_etc / "sources.list", *sorted((apt_etc / "sources.list.d").glob("*.list"))]
-    pattern = re.compile(r"^\s*deb\s+(?:\[(?P<opts>[^\]]*)\]\s+)?(?P<uri>\S+)\s+"
-                         + re.escape(codename) + r"\s+(?P<components>.+)$")
+    pattern = re.compile(
+        r"^\s*deb\s+(?:\[(?P<opts>[^\]]*)\]\s+)?(?P<uri>\S+)\s+"
+        + re.escape(codename)
+        + r"\s+(?P<components>.+)$"
+    )
     for path in one_line:
         if not path.exists():
             continue
@@ -54,8 +59,12 @@ def find_release_source(codename: str, apt_etc: Path) -> dict[str, str] | None:
 
 
 def render(codename: str, source: dict[str, str]) -> str:
-    lines = ["Types: deb", f"URIs: {source['uris']}", f"Suites: {codename}-backports",
-             "Components: main"]
+    lines = [
+        "Types: deb",
+        f"URIs: {source['uris']}",
+        f"Suites: {codename}-backports",
+        "Components: main",
+    ]
     if "signed-by" in source:
         lines.append(f"Signed-By: {source['signed-by']}")
     return "\n".join(lines) + "\n"
@@ -69,8 +78,11 @@ def main(argv: list[str]) -> int:
     apt_etc = Path(argv[2]) if len(argv) == 3 else Path("/etc/apt")
     source = find_release_source(codename, apt_etc)
     if source is None:
-        print(f"apt_backports: no enabled deb source for suite {codename} under {apt_etc} to "
-              f"derive {codename}-backports from", file=sys.stderr)
+        print(
+            f"apt_backports: no enabled deb source for suite {codename} under {apt_etc} to "
+            f"derive {codename}-backports from",
+            file=sys.stderr,
+        )
         return 1
     target.write_text(render(codename, source))
     print(f"apt_backports: wrote {target} from the machine's {codename} source", file=sys.stderr)

@@ -23,8 +23,16 @@ def terminal(text: str, out: Path) -> None:
     width = max(len(line) for line in lines)
     fig = plt.figure(figsize=(width * 0.082 + 0.3, len(lines) * 0.2 + 0.3), dpi=110)
     fig.patch.set_facecolor("#1e1e1e")
-    fig.text(0.01, 0.98, "\n".join(lines), family="monospace", fontsize=9, color="#d4d4d4",
-             va="top", ha="left")
+    fig.text(
+        0.01,
+        0.98,
+        "\n".join(lines),
+        family="monospace",
+        fontsize=9,
+        color="#d4d4d4",
+        va="top",
+        ha="left",
+    )
     fig.savefig(out, facecolor=fig.get_facecolor())
     plt.close(fig)
 
@@ -48,13 +56,21 @@ def dashboard(panels: list[dict], out: Path) -> None:
             label = ",".join(f"{v}" for k, v in series["metric"].items() if k != "__name__")
             ax.plot(xs, ys, linewidth=1.4, label=label or "value")
         if panel["result"]:
-            ax.legend(fontsize=6, loc="upper left", facecolor="#181b1f", labelcolor="#ccccdc",
-                      edgecolor="#2c3235")
+            ax.legend(
+                fontsize=6,
+                loc="upper left",
+                facecolor="#181b1f",
+                labelcolor="#ccccdc",
+                edgecolor="#2c3235",
+            )
         ax.set_xlabel("seconds", color="#8e8e8e", fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
-    fig.suptitle("forecast-bpf dashboard panels (real Prometheus data, kernel-tier run)",
-                 color="#ccccdc", fontsize=12)
+    fig.suptitle(
+        "forecast-bpf dashboard panels (real Prometheus data, kernel-tier run)",
+        color="#ccccdc",
+        fontsize=12,
+    )
     fig.tight_layout()
     fig.savefig(out, facecolor=fig.get_facecolor())
     plt.close(fig)

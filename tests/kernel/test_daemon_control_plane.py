@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from forecast.datapath import program_digest
 from forecast.lab import netns
 from forecast.lab.conns import GatewayMode
 from forecast.lab.lab import Lab, LabOptions
-from tests.kernel.daemon_fixture import IF_ID, Running
+from tests.kernel.daemon_fixture import DAEMON_PYTHON, IF_ID, Running
 
 
 def forecast_cli(
@@ -28,7 +27,7 @@ def forecast_cli(
     """`forecast-bpf COMMAND --config CONFIG ARGS` as an operator types it (in `netns`)."""
     prefix = ["ip", "netns", "exec", netns] if netns else []
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "forecast", command, "--config", str(config), *args],
+        [*prefix, DAEMON_PYTHON, "-m", "forecast", command, "--config", str(config), *args],
         capture_output=True,
         text=True,
         timeout=30,
