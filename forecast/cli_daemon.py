@@ -71,21 +71,30 @@ def _single_instance(path: Path) -> IO[str] | str:
     return f
 
 
+def _privileged(args: argparse.Namespace, command: str) -> tuple[config.Config, IO[str]] | str:
+    """Root, a valid config, logging set up, and the daemon lock held; or why not."""
+    if why := _need_root(command):
+        return why
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        return str(exc)
+    _logging(cfg.log_level)
+    lock = _single_instance(cfg.state_file.with_suffix(".lock"))
+    if isinstance(lock, str):
+        return lock if command == "run" else f"{lock}: stop that daemon instead"
+    return cfg, lock
+
+
 def run(args: argparse.Namespace, *, xfrm: XfrmInterface | None = None) -> int:
     """The daemon until a signal; xfrm: a given interface instead of our own (tests)."""
     from forecast.daemon import Daemon, ExitMode
 
-    if why := _need_root("run"):
-        return _fail(why)
-    try:
-        cfg = _config(args)
-    except ConfigError as exc:
-        return _fail(str(exc))
-    _logging(cfg.log_level)
+    ready = _privileged(args, "run")
+    if isinstance(ready, str):
+        return _fail(ready)
+    cfg, _lock = ready
     log = logging.getLogger("forecast-bpf")
-    lock = _single_instance(cfg.state_file.with_suffix(".lock"))
-    if isinstance(lock, str):
-        return _fail(lock)
     log.info("forecast-bpf %s from %s", __version__, Path(__file__).parent)
     daemon = Daemon(cfg, xfrm=xfrm, config_path=Path(args.config))
     stop = threading.Event()
@@ -123,16 +132,10 @@ def run_stop(args: argparse.Namespace) -> int:
     """Remove a data path that no daemon runs (left by a hand-over or a crash)."""
     from forecast.daemon import remove_left_datapath
 
-    if why := _need_root("stop"):
-        return _fail(why)
-    try:
-        cfg = _config(args)
-    except ConfigError as exc:
-        return _fail(str(exc))
-    _logging(cfg.log_level)
-    lock = _single_instance(cfg.state_file.with_suffix(".lock"))
-    if isinstance(lock, str):
-        return _fail(f"{lock}: stop it instead (systemctl stop forecast-bpf, or SIGTERM)")
+    ready = _privileged(args, "stop")
+    if isinstance(ready, str):
+        return _fail(ready)
+    cfg, _lock = ready
     removed = remove_left_datapath(cfg)
     cfg.state_file.with_suffix(".lock").unlink(missing_ok=True)
     print(f"removed: {', '.join(removed)}" if removed else "nothing left to remove")
