@@ -40,6 +40,21 @@ GROUPS_FD = "groups"  # FDNAME of the membership socket in systemd's store
 log = logging.getLogger("forecast-bpf")
 
 
+def read_state_file(path: Path) -> dict[str, Any]:
+    """What a previous daemon left there (a restart, a crash); empty when nothing usable."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def unmount_if_empty(root: Path) -> bool:
+    """Undo a bpffs mount of ours, only while nobody else pinned anything there since."""
+    if any(root.iterdir()):
+        return False
+    return subprocess.run(["umount", str(root)], check=False, capture_output=True).returncode == 0
+
+
 class ExitMode(enum.Enum):
     STOP = "stop"  # remove everything
     HANDOVER = "handover"  # leave the data path forwarding for the next daemon
@@ -89,16 +104,9 @@ class Daemon:
         self.reload_requested = threading.Event()
 
     # -- set-up -----------------------------------------------------------------------------
-    def _previous_state(self) -> dict[str, Any]:
-        """The state file a previous daemon left (a restart, or a crash): empty if none."""
-        try:
-            return dict(json.loads(self.cfg.state_file.read_text()))
-        except (OSError, ValueError):
-            return {}
-
     def setup(self) -> None:
         cfg = self.cfg
-        previous = self._previous_state()
+        previous = read_state_file(cfg.state_file)
         inherited = cfg.pin_dir.is_dir() and any(cfg.pin_dir.iterdir())
         try:
             bpffs_root = cfg.pin_dir.parent
@@ -410,9 +418,7 @@ class Daemon:
                         break
                     now = time.monotonic()
                     self.notifier.tick(now)
-                    if self.reload_requested.is_set():
-                        self.reload_requested.clear()
-                        self.reload()
+                    self._reload_if_asked()
                     changes = []
                     if label is not None:
                         self.health.last_event = time.time()
@@ -445,22 +451,18 @@ class Daemon:
                 deadline = time.monotonic() + delay
                 while not stop.is_set() and time.monotonic() < deadline:
                     self.notifier.tick()
-                    if self.reload_requested.is_set():
-                        self.reload_requested.clear()
-                        self.reload()
+                    self._reload_if_asked()
                     stop.wait(min(1.0, max(0.0, deadline - time.monotonic())))
             finally:
                 if stream is not None:
                     stream.close()
 
-    # -- teardown ---------------------------------------------------------------------------
-    def _unmount_bpffs(self) -> None:
-        # Mounted by us (or the daemon we took over from), and only while nobody else pinned
-        # anything there since.
-        root = self.bpffs_mounted
-        if root is not None and not any(root.iterdir()):
-            subprocess.run(["umount", str(root)], check=False, capture_output=True)
+    def _reload_if_asked(self) -> None:
+        if self.reload_requested.is_set():
+            self.reload_requested.clear()
+            self.reload()
 
+    # -- teardown ---------------------------------------------------------------------------
     def _hand_over_groups(self) -> None:
         groups = self.groups
         assert groups is not None
@@ -504,7 +506,7 @@ class Daemon:
             if self.xfrm is not None and self._xfrm_given is None:
                 steps.append(("XFRM interface", partial(links.remove_xfrm, self.xfrm)))
             if self.bpffs_mounted is not None:
-                steps.append(("bpffs mount", self._unmount_bpffs))
+                steps.append(("bpffs mount", partial(unmount_if_empty, self.bpffs_mounted)))
             steps.append(("state file", partial(self.cfg.state_file.unlink, missing_ok=True)))
         for what, step in steps:
             try:
@@ -521,10 +523,7 @@ def remove_left_datapath(cfg: Config) -> list[str]:
     successor, a crash). The state file it left names its filters; the rest is found by what
     marks it as ours: the chains' names, the route protocol, the interface alias, the pins."""
     removed: list[str] = []
-    try:
-        state = dict(json.loads(cfg.state_file.read_text()))
-    except (OSError, ValueError):
-        state = {}
+    state = read_state_file(cfg.state_file)
     xfrm = links.lookup_xfrm(cfg.xfrm.name)
     hooks = {int(f["ifindex"]) for f in state.get("filters", {}).values()}
     hooks |= {xfrm.index} if xfrm else set()
@@ -544,8 +543,7 @@ def remove_left_datapath(cfg: Config) -> list[str]:
         links.remove_xfrm(xfrm)
         removed.append(f"XFRM interface {xfrm.name}")
     mounted = state.get("bpffs_mounted")
-    if mounted and not any(Path(mounted).iterdir()):
-        subprocess.run(["umount", mounted], check=False, capture_output=True)
+    if mounted and unmount_if_empty(Path(mounted)):
         removed.append(f"bpffs mount {mounted}")
     if cfg.state_file.exists():
         cfg.state_file.unlink()

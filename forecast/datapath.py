@@ -169,8 +169,8 @@ class Datapath:
         self.fresh_maps = False  # True: this layout's maps did not exist before this start
         self._counters: PinnedCounters | None = None
 
-    def _prog_pin(self, role: str, digest: str | None = None) -> Path:
-        return self.pin_dir / f"prog-{digest or self.digest}-{role}"
+    def _prog_pin(self, role: str) -> Path:
+        return self.pin_dir / f"prog-{self.digest}-{role}"
 
     def filter_name(self, role: str) -> str:
         return filter_name(PROGRAMS[role][1], self.digest)
@@ -193,18 +193,14 @@ class Datapath:
             self.fds[role] = obj_get(self._prog_pin(role))
         for name in MAP_NAMES:
             self.maps[name] = PinnedMap(self.maps_dir / name)
-        self._counters = PinnedCounters(self.maps_dir)
-
-    def stale_pins(self) -> list[Path]:
-        """Programs and maps of other builds: unused once our filters are in place."""
-        keep = {self.maps_dir, *(self._prog_pin(role) for role in PROGRAMS)}
-        if not self.pin_dir.exists():
-            return []
-        return sorted(p for p in self.pin_dir.iterdir() if p not in keep)
+        # The same descriptors: counters and drops are two of the maps just opened.
+        self._counters = PinnedCounters(self.maps["counters"], self.maps["drops"])
 
     def prune(self) -> list[Path]:
-        """Unpin what stale_pins() names; returns it."""
-        stale = self.stale_pins()
+        """Unpin the programs and maps of other builds (unused once our filters are in place);
+        returns what went."""
+        keep = {self.maps_dir, *(self._prog_pin(role) for role in PROGRAMS)}
+        stale = sorted(p for p in self.pin_dir.iterdir() if p not in keep)
         for path in stale:
             _unpin(path)
         return stale
@@ -275,9 +271,7 @@ class Datapath:
         for m in self.maps.values():
             m.close()
         self.maps.clear()
-        if self._counters is not None:
-            self._counters.close()
-            self._counters = None
+        self._counters = None  # its maps were among those just closed
 
     def remove(self) -> None:
         """A deliberate stop: close, then unpin every program and map of every build."""

@@ -106,14 +106,18 @@ class PinnedMap:
 class PinnedCounters:
     """Counters and drops, summed over CPUs: what `status` and the metrics read."""
 
-    def __init__(self, maps_dir: Path) -> None:
-        self.counters = PinnedMap(maps_dir / "counters")
-        try:
-            self.drops = PinnedMap(maps_dir / "drops")
-        except PinnedError:
-            self.counters.close()
-            raise
+    def __init__(self, counters: PinnedMap, drops: PinnedMap) -> None:
+        self.counters, self.drops = counters, drops
         self.ncpu = possible_cpus()
+
+    @classmethod
+    def open(cls, maps_dir: Path) -> PinnedCounters:
+        counters = PinnedMap(maps_dir / "counters")
+        try:
+            return cls(counters, PinnedMap(maps_dir / "drops"))
+        except PinnedError:
+            counters.close()
+            raise
 
     def slot(self, slot: int) -> dict[Direction, tuple[int, int]]:
         out = {}

@@ -59,7 +59,7 @@ def read(state_file: Path) -> Snapshot:
     if not running and not (state.get("maps_dir") and _filters_attached(state)):
         raise NotRunning(f"forecast-bpf is not running (pid {pid} in {state_file} is gone)")
     try:
-        counters = PinnedCounters(Path(state["maps_dir"]))
+        counters = PinnedCounters.open(Path(state["maps_dir"]))
     except PinnedError as exc:
         raise NotRunning(f"forecast-bpf is not running properly: {exc}") from None
     try:

@@ -59,26 +59,17 @@ def attach(
 
 
 def detach(
-    ifindex: int,
-    *,
-    netns: str | None = None,
-    parent: str = INGRESS,
-    prio: int = DEFAULT_PRIO,
-    ipr: Any = None,
+    ifindex: int, *, netns: str | None = None, parent: str = INGRESS, prio: int = DEFAULT_PRIO
 ) -> bool:
     """Remove our filter; True if there was one. A gone device counts as detached."""
-    own = ipr is None
-    ipr = ipr or _ipr(netns)
-    try:
-        ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=parent, prio=prio)
-        return True
-    except NetlinkError as exc:
-        if exc.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
-            return False
-        raise
-    finally:
-        if own:
-            ipr.close()
+    with _ipr(netns) as ipr:
+        try:
+            ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=parent, prio=prio)
+            return True
+        except NetlinkError as exc:
+            if exc.code in (errno.ENOENT, errno.EINVAL, errno.ENODEV):
+                return False
+            raise
 
 
 def bpf_filters(

@@ -39,6 +39,11 @@ def run(
     return proc
 
 
+def ifindex(ns: str, device: str) -> int:
+    """The index of `device` in namespace `ns`."""
+    return int(run(["cat", f"/sys/class/net/{device}/ifindex"], netns=ns).stdout)
+
+
 def exists(name: str) -> bool:
     return os.path.exists(os.path.join(NETNS_DIR, name))
 

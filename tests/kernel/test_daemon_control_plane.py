@@ -43,10 +43,7 @@ def _slot_of(state: dict[str, Any], remote_id: str) -> dict[str, Any]:
 
 def test_connect_rekey_disconnect_stop(running: Running) -> None:
     lab = running.lab
-    gw_ifindex = {
-        name: int(netns.run(["cat", f"/sys/class/net/{name}/ifindex"], netns=running.gw).stdout)
-        for name in ("eth1", "xfs0")
-    }
+    gw_ifindex = {name: netns.ifindex(running.gw, name) for name in ("eth1", "xfs0")}
     assert running.state()["slots"] == {}
     build = program_digest()
     assert tc.bpf_filters(gw_ifindex["eth1"], netns=running.gw) == [

@@ -43,10 +43,6 @@ class Gateway:
     ifindex: dict[str, int]
 
 
-def _ifindex(ns: str, name: str) -> int:
-    return int(netns.run(["cat", f"/sys/class/net/{name}/ifindex"], netns=ns).stdout)
-
-
 @pytest.fixture
 def gateway(run_prefix: str, tmp_path: Path) -> Iterator[Gateway]:
     gw, lan = f"{run_prefix}-dg", f"{run_prefix}-dl"
@@ -83,7 +79,7 @@ def gateway(run_prefix: str, tmp_path: Path) -> Iterator[Gateway]:
             ]
         )
         netns.run(["iptables-restore"], netns=gw, input_text=restore)
-        ifindex = {name: _ifindex(gw, name) for name in ("lan0", "xf0", "xfpeer")}
+        ifindex = {name: netns.ifindex(gw, name) for name in ("lan0", "xf0", "xfpeer")}
         datapath.load()
         datapath.write_config(
             DatapathConfig(

@@ -63,10 +63,6 @@ def _ready(running: Running, pid: int, what: str, pred: Any = None) -> dict[str,
     )
 
 
-def _ifindex(running: Running, name: str) -> int:
-    return int(netns.run(["cat", f"/sys/class/net/{name}/ifindex"], netns=running.gw).stdout)
-
-
 def test_restart_hands_over_and_loses_no_copy(running: Running) -> None:
     lab = running.lab
     lab.connect_all()
@@ -150,7 +146,7 @@ def test_crash_keeps_forwarding_and_restart_converges(running: Running) -> None:
 def test_stop_removes_what_a_hand_over_left(running: Running) -> None:
     running.lab.connect_all()
     running.wait("two SAs", lambda s: len(s["slots"]) == 2)
-    eth1 = _ifindex(running, "eth1")
+    eth1 = netns.ifindex(running.gw, "eth1")
     running.proc.send_signal(signal.SIGUSR2)
     assert running.proc.wait(timeout=30) == 0
     assert tc.our_filter(eth1, netns=running.gw) is not None
@@ -161,7 +157,7 @@ def test_stop_removes_what_a_hand_over_left(running: Running) -> None:
     assert "MARK chains" in out.stdout and "pins in" in out.stdout, out.stdout
     assert running.rules() == [] and running.routes().strip() == ""
     assert tc.our_filter(eth1, netns=running.gw) is None
-    assert tc.our_filter(_ifindex(running, "xfs0"), netns=running.gw) is None
+    assert tc.our_filter(netns.ifindex(running.gw, "xfs0"), netns=running.gw) is None
     assert not running.pin_dir.exists() and not running.state_file.exists()
     netns.run(["ip", "link", "show", "xfs0"], netns=running.gw)  # given, not ours: kept
     again = forecast_cli("stop", running.cfg_path, netns=running.gw)

@@ -251,7 +251,7 @@ def test_ready_only_after_programs_attached_and_snapshot_applied(
                 messages.append(sock.recv(4096).decode())
 
     try:
-        gw_eth1 = int(netns.run(["cat", "/sys/class/net/eth1/ifindex"], netns=running.gw).stdout)
+        gw_eth1 = netns.ifindex(running.gw, "eth1")
         # Set-up completes (filters attached) but charon is down: no READY, only STATUS.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not tc.bpf_filters(gw_eth1, netns=running.gw):
