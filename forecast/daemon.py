@@ -105,6 +105,10 @@ class Daemon:
 
     # -- set-up -----------------------------------------------------------------------------
     def setup(self) -> None:
+        with self.notifier.keepalive():
+            self._setup()
+
+    def _setup(self) -> None:
         cfg = self.cfg
         previous = read_state_file(cfg.state_file)
         inherited = cfg.pin_dir.is_dir() and any(cfg.pin_dir.iterdir())
@@ -130,7 +134,7 @@ class Daemon:
                     self.xfrm.name,
                     cfg.xfrm.if_id,
                     dev,
-                    "created" if self.xfrm.created else "existing",
+                    "ours" if self.xfrm.created else "the operator's: kept at stop",
                 )
             self._load_datapath()
             self._attach_filters()

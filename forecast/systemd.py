@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 SD_LISTEN_FDS_START = 3
@@ -67,6 +69,27 @@ class Notifier:
 
     def drop_fd(self, name: str) -> None:
         self.send("FDSTOREREMOVE=1", f"FDNAME={name}")
+
+    @contextlib.contextmanager
+    def keepalive(self) -> Iterator[None]:
+        """Ping the watchdog from a thread while the block runs: set-up may compile for longer
+        than WatchdogSec on a slow machine, and the main loop does not run yet."""
+        if not self.watchdog_s:
+            yield
+            return
+        done = threading.Event()
+
+        def ping() -> None:
+            while not done.wait(self.watchdog_s):
+                self.send("WATCHDOG=1")
+
+        thread = threading.Thread(target=ping, name="watchdog", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def tick(self, now: float | None = None) -> None:
         """Call often; pings the watchdog when half its interval has passed."""

@@ -18,7 +18,7 @@ lab_kernel_612=${FORECAST_LAB_KERNEL_612:-6.12.95+deb12-amd64}
 
 system_packages=(
   strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins
-  python3 python3-venv python3-bpfcc bpfcc-tools
+  python3 python3-venv python3-bpfcc bpfcc-tools linux-headers-amd64
   iproute2 iputils-ping iptables nftables ethtool tcpdump kmod socat
   qemu-system-x86 busybox-static cpio xz-utils zstd
   tmux vagrant make prometheus python3-matplotlib

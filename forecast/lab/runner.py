@@ -22,7 +22,8 @@ from forecast.lab.lab import Lab, LabOptions
 from forecast.lab.topology import Topology
 from forecast.lab.vm import LabVM, LabVMError
 
-STATE_DIR = Path("/run/forecast-bpf")
+# Not /run/forecast-bpf: that is the service's runtime directory, which systemd removes at stop.
+STATE_DIR = Path("/run/forecast-lab")
 # Ends the guest's console shell session (guest/stage2.sh starts a new one at once).
 RESPAWN_CONSOLE_SHELL = (
     "import os, signal; os.killpg(int(open('/run/forecast-lab-console.pid').read()), signal.SIGHUP)"

@@ -39,6 +39,7 @@ BOOT_TIMEOUT_S = 120.0
 GUEST_SHARE = Path("/run/forecast-lab-share")  # where guest/init mounts the share
 GUEST_PRIVATE_DIRS = tuple(Path(d) for d in ("/tmp", "/run", "/root", "/dev"))
 BOOT_ATTEMPTS = 3
+INITS = ("busybox", "systemd")
 
 
 class LabVMError(RuntimeError):
@@ -185,7 +186,13 @@ class LabVM:
         log: IO[str] | None = None,
         base: Path | None = None,
         pid: int | None = None,
+        init: str = "busybox",
     ) -> None:
+        """init: "busybox" (stage 2 is PID 1, the root read-only but /etc, /var) or "systemd"
+        (systemd is PID 1 on an all-writable overlay root: packages install, units run)."""
+        if init not in INITS:
+            raise LabVMError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+        self.init = init
         self.kernel_line = kernel_line
         self.kernel = GuestKernel.resolve(kernel_line)
         self.memory_mb = memory_mb
@@ -219,6 +226,10 @@ class LabVM:
     def _qemu_argv(self, initramfs: Path, accel: str) -> list[str]:
         stage2 = GUEST_DIR / "stage2.sh"
         append = f"console=ttyS0 panic=-1 quiet forecast.stage2={stage2}"
+        if self.init == "systemd":
+            append += (
+                " forecast.init=systemd systemd.unit=forecast-lab.target systemd.show_status=false"
+            )
         repo_share: list[str] = []
         if _guest_private(REPO_DIR):
             # A checkout under /tmp or /root is hidden by the guest's own tmpfs there: share it
@@ -343,7 +354,7 @@ class LabVM:
         for attempt in range(1, BOOT_ATTEMPTS + 1):
             if self._boot_once(initramfs, "tcg", BOOT_TIMEOUT_S):
                 self._say(
-                    f"booted {self.kernel.version} under qemu TCG in "
+                    f"booted {self.kernel.version} ({self.init}) under qemu TCG in "
                     f"{self.boot_seconds:.1f} s (attempt {attempt})"
                 )
                 return
@@ -359,13 +370,24 @@ class LabVM:
         """Leave the VM running; the returned state lets a later command attach() to it."""
         if not self.alive() or self.pid is None:
             raise LabVMError("cannot detach: the lab VM is not running")
-        state = {"pid": str(self.pid), "base": str(self.base), "kernel": self.kernel_line}
+        state = {
+            "pid": str(self.pid),
+            "base": str(self.base),
+            "kernel": self.kernel_line,
+            "init": self.init,
+        }
         self.proc = None  # the pid stays; nothing here waits for it any more
         return state
 
     @classmethod
     def attach(cls, state: dict[str, str], log: IO[str] | None = None) -> LabVM:
-        vm = cls(state["kernel"], log=log, base=Path(state["base"]), pid=int(state["pid"]))
+        vm = cls(
+            state["kernel"],
+            log=log,
+            base=Path(state["base"]),
+            pid=int(state["pid"]),
+            init=state.get("init", "busybox"),
+        )
         if not vm.alive():
             raise LabVMError(f"the lab VM (pid {state['pid']}) is no longer running")
         return vm

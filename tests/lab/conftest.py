@@ -45,17 +45,28 @@ class LabRunner:
         self.kernel = kernel
         self.timings: list[tuple[str, float]] = []
 
-    def run(self, argv: list[str], timeout: float = 300) -> tuple[int, str]:
+    def run(
+        self, argv: list[str], timeout: float = 300, env: dict[str, str] | None = None
+    ) -> tuple[int, str]:
         if self.vm is not None:
-            job = self.vm.run(argv, timeout=timeout)
+            job = self.vm.run(argv, timeout=timeout, env=env)
             return job.rc, job.output
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env={**os.environ, **(env or {})},
+        )
         return proc.returncode, proc.stdout + proc.stderr
 
-    def lab(self, sub: str, *args: str, timeout: float = 300) -> ScenarioRun:
+    def lab(
+        self, sub: str, *args: str, timeout: float = 300, env: dict[str, str] | None = None
+    ) -> ScenarioRun:
         argv = [sys.executable, "-m", "forecast", "lab", sub, "--here", *args]
         t0 = time.monotonic()
-        rc, out = self.run(argv, timeout)
+        rc, out = self.run(argv, timeout, env)
         seconds = time.monotonic() - t0
         self.timings.append((" ".join(args), seconds))
         results = [
@@ -65,18 +76,31 @@ class LabRunner:
         ]
         return ScenarioRun(rc, out, seconds, results)
 
-    def script(self, name: str, *lab_args: str, script_args: tuple[str, ...] = ()) -> ScenarioRun:
-        return self.lab("run", *lab_args, str(SCRIPTS / name), *script_args)
+    def script(
+        self,
+        name: str,
+        *lab_args: str,
+        script_args: tuple[str, ...] = (),
+        timeout: float = 300,
+        env: dict[str, str] | None = None,
+    ) -> ScenarioRun:
+        return self.lab(
+            "run", *lab_args, str(SCRIPTS / name), *script_args, timeout=timeout, env=env
+        )
+
+    def guest_path(self, path: Path) -> Path:
+        """Where the lab sees a file of this machine."""
+        return self.vm.guest_path(path) if self.vm is not None else path
 
 
-def _runner(kernel: str) -> Iterator[LabRunner]:
+def _runner(kernel: str, init: str = "busybox") -> Iterator[LabRunner]:
     if os.geteuid() != 0:
         pytest.fail("lab tier needs root (qemu, namespaces, charon): run as root", pytrace=False)
-    if capability.probe().can_run_lab:
+    if init == "busybox" and capability.probe().can_run_lab:
         yield LabRunner(None, kernel)
         return
     try:
-        vm = LabVM(kernel)
+        vm = LabVM(kernel, init=init)
         vm.start()
     except LabVMError as exc:
         pytest.fail(f"lab tier cannot boot the {kernel} lab VM: {exc}", pytrace=False)
@@ -102,3 +126,10 @@ def lab() -> Iterator[LabRunner]:
 @pytest.fixture(scope="session")
 def lab_612() -> Iterator[LabRunner]:
     yield from _runner("6.12")
+
+
+@pytest.fixture(scope="session")
+def lab_systemd() -> Iterator[LabRunner]:
+    """A lab VM whose PID 1 is systemd, on an all-writable root: packages install, units run
+    (always a VM: a package install must never touch the machine running the tests)."""
+    yield from _runner(os.environ.get("FORECAST_LAB_KERNEL", "6.1"), init="systemd")
