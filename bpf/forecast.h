@@ -4,7 +4,7 @@
 #define FORECAST_H
 
 /* The SA table is scanned by a bounded loop: 64 slots verify in ~9k instructions
- * (datapath.md); 1,024 would cost ~122k and 4,096 fails. */
+ * (docs/design.md); 1,024 would cost ~122k and 4,096 fails. */
 #define FC_MAX_SAS 64
 /* Remote traffic selectors per SA that can hold a multicast/broadcast destination. */
 #define FC_MAX_TS 4

@@ -3,7 +3,7 @@
  *
  * A copy must go to the XFRM interface with the SA's mark: its transmit path routes the copy,
  * looks the policy up by (mark, if_id) and encrypts. Any other device sends it in clear or not
- * at all (datapath.md). */
+ * at all (docs/design.md). */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
@@ -60,7 +60,7 @@ int fc_lan_ingress(struct __sk_buff *skb)
 
 		if (!sa || !(sa->flags & FC_SA_ACTIVE) || !fc_sa_wants(sa, daddr))
 			continue;
-		/* Without the barrier the verifier sees a modified ctx pointer (datapath.md). */
+		/* Without the barrier the verifier sees a modified ctx pointer (docs/design.md). */
 		asm volatile("" : "+r"(skb));
 		skb->mark = sa->mark_out;
 		if (bpf_clone_redirect(skb, cfg->xfrm_ifindex, 0) == 0)

@@ -27,7 +27,7 @@ struct fc_eth {
 };
 
 /* Decrypted packets keep the outer MAC header in front of the inner IP header even on the L3
- * XFRM device (datapath.md); accept either layout, found by an exact total length. */
+ * XFRM device (docs/design.md); accept either layout, found by an exact total length. */
 static __always_inline int fc_find_ip(struct __sk_buff *skb, struct iphdr *ip, u32 *l3)
 {
 	if (fc_load_ip(skb, ETH_HLEN, ip, 1) == 0) {

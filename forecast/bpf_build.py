@@ -3,7 +3,7 @@
 bcc needs a kernel header tree. A matching /lib/modules/$(uname -r)/build just works; where none
 exists (kernels Debian does not ship headers for) a tree merged from the newest installed
 Debian `linux-headers-*-common` and `-amd64` packages serves TC programs, which only use uapi
-types (datapath.md).
+types (docs/design.md).
 """
 
 from __future__ import annotations

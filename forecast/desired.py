@@ -1,6 +1,6 @@
 """SA table + config → the kernel state forecast-bpf wants. Pure: no I/O, no clock.
 
-Nothing here knows about VICI, and nothing here touches the kernel (architecture-sketch.md).
+Nothing here knows about VICI, and nothing here touches the kernel (docs/design.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Links, routes and group memberships the daemon owns, through pyroute2.
 
-- The XFRM interface: every copy for an SA is redirected to it (datapath.md). An interface
+- The XFRM interface: every copy for an SA is redirected to it (docs/design.md). An interface
   the daemon creates carries the alias "forecast-bpf", so a restarted daemon adopts it and a
   clean exit removes only what is ours; an operator's own interface is used, never deleted.
 - Routes: charon installs none for children with an if_id, so each SA's unicast remote

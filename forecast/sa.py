@@ -1,8 +1,8 @@
 """The SA table: which CHILD_SAs exist, derived from strongSwan's VICI messages. Pure, no I/O.
 
 A `list-sas` snapshot fills it; `child-updown`, `child-rekey`, `ike-updown` and `ike-rekey`
-events patch it (quirks of charon 5.9.8 in lab.md). Every method returns what changed, so the
-daemon can log one line per SA added, rekeyed or removed.
+events patch it (quirks of charon 5.9.8: docs/design.md, The lab). Every method returns what
+changed, so the daemon can log one line per SA added, rekeyed or removed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""One real charon per lab host: its own netns, its own /run, its own VICI socket (lab.md)."""
+"""One real charon per lab host: its own netns, its own /run, its own VICI socket
+(docs/design.md, The lab)."""
 
 from __future__ import annotations
 

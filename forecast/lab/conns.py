@@ -1,8 +1,8 @@
 """swanctl connection definitions for the lab, as VICI `load-conn` dictionaries (pure data).
 
-The gateway's child follows the seed (`../shared/seed/forecast-plugin.txt`): the LAN and multicast
-locally, the client's virtual IP, multicast and the LAN's directed broadcast remotely, a unique mark
-per SA. The gateway modes add what each forwarder needs on top.
+The gateway's child follows strongSwan's documented forecast plugin configuration: the LAN and
+multicast locally, the client's virtual IP, multicast and the LAN's directed broadcast remotely, a
+unique mark per SA. The gateway modes add what each forwarder needs on top.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ BASE_PLUGINS = [
 
 class GatewayMode(StrEnum):
     SEED = "seed"  # the seed's config alone: marks, no forwarder
-    FORECAST_BPF = "forecast-bpf"  # + if_id_in/out and set_mark_in = %same (datapath.md)
+    FORECAST_BPF = "forecast-bpf"  # + if_id_in/out and set_mark_in = %same (docs/design.md)
     REFERENCE_PLUGIN = "reference-plugin"  # + strongSwan's own forecast plugin
 
 
 def charon_plugins(*, gateway: bool, mode: GatewayMode, libipsec: bool) -> list[str]:
-    # kernel-libipsec must come before kernel-netlink to take over ESP (lab.md).
+    # kernel-libipsec must come before kernel-netlink to take over ESP (docs/design.md, The lab).
     kernel = ["kernel-libipsec", "kernel-netlink"] if libipsec else ["kernel-netlink"]
     extra = ["farp"] if gateway else []
     if gateway and mode is GatewayMode.REFERENCE_PLUGIN:
@@ -111,7 +111,8 @@ def client_conn(
 ) -> dict[str, Any]:
     """A road warrior. The client narrows the gateway's reply against its own local_ts, so the
     broadcast must be named here or its inbound policy drops the decrypted broadcast. None:
-    left out, for libipsec, which rejects a non-local broadcast TS on the client (lab.md)."""
+    left out, for libipsec, which rejects a non-local broadcast TS on the client
+    (docs/design.md, The lab)."""
     local_ts = ["dynamic", "224.0.0.0/4", *([lan_broadcast] if lan_broadcast else [])]
     return {
         CLIENT_CONN: {

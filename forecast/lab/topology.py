@@ -117,7 +117,7 @@ class Topology:
             )
         for client in self.clients:
             # Clients hold a /32 virtual IP: without this local broadcast route the LAN's
-            # directed broadcast would never be delivered to them (lab.md).
+            # directed broadcast would never be delivered to them (docs/design.md, The lab).
             netns.run(
                 [
                     "ip",
@@ -137,7 +137,7 @@ class Topology:
         netns.run(["ip", "addr", "add", cidr, "brd", "+", "dev", ifname], netns=ns)
         netns.run(["ip", "link", "set", ifname, "up"], netns=ns)
         # veth TX checksum offload leaves copies made from captured bytes (the reference
-        # plugin's way) with unfinished checksums (lab.md).
+        # plugin's way) with unfinished checksums (docs/design.md, The lab).
         netns.run(["ethtool", "-K", ifname, "tx", "off"], netns=ns)
 
     def destroy(self) -> None:
