@@ -128,7 +128,13 @@ def lab_612() -> Iterator[LabRunner]:
     yield from _runner("6.12")
 
 
-@pytest.fixture(scope="session")
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The systemd VM's scenario first: its VM is gone before the session's VMs boot (two
+    guests under TCG on two cores slow each other down)."""
+    items.sort(key=lambda item: "lab_systemd" not in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="module")
 def lab_systemd() -> Iterator[LabRunner]:
     """A lab VM whose PID 1 is systemd, on an all-writable root: packages install, units run
     (always a VM: a package install must never touch the machine running the tests)."""
