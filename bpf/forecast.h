@@ -3,9 +3,14 @@
 #ifndef FORECAST_H
 #define FORECAST_H
 
-/* The SA table is scanned by a bounded loop: 64 slots verify in ~9k instructions
- * (docs/design.md); 1,024 would cost ~122k and 4,096 fails. */
-#define FC_MAX_SAS 64
+/* A packet's copies are made by walking a dense list of target slots, FC_CHUNK entries per
+ * program run, the walker tail-calling itself for the next chunk. The kernel allows 33 tail
+ * calls per packet, so a list holds at most 33 chunks; the table holds what a list can reach.
+ * Per-packet work follows the list's length (the SAs that get a copy), never the capacity.
+ * Chunk size vs verifier cost and load time: docs/design.md, Scale. */
+#define FC_CHUNK 256
+#define FC_TAIL_CALLS 33
+#define FC_MAX_SAS 8448 /* FC_CHUNK * FC_TAIL_CALLS */
 /* Remote traffic selectors per SA that can hold a multicast/broadcast destination. */
 #define FC_MAX_TS 4
 /* Multicast groups forwarded from the LAN (the plugin's `groups`). */
@@ -23,7 +28,15 @@
 #define FC_DROP_UNKNOWN_ORIGIN 2  /* decrypted packet whose mark names no SA in the table */
 #define FC_DROP_MALFORMED 3       /* no complete IPv4 header where one must be */
 #define FC_DROP_NO_HEADROOM 4     /* no room for the LAN copy's Ethernet header */
-#define FC_DROPS 5
+#define FC_DROP_CHAIN 5           /* the walker's tail call failed: the rest of a list got no copy */
+#define FC_DROPS 6
+
+/* Target lists (fc_targets), each a dense array of SA slots, twice over: the daemon rewrites the
+ * generation no packet reads, then flips fc_gen, so a packet walks one whole list version. */
+#define FC_LIST_LAN 0      /* every SA in the table: LAN multicast/broadcast goes to these */
+#define FC_LIST_REINJECT 1 /* SAs that take other clients' multicast/broadcast */
+#define FC_LISTS 2
+#define FC_GENS 2
 
 /* fc_sa.flags */
 #define FC_SA_ACTIVE 0x1
@@ -51,6 +64,15 @@ struct fc_config {
 	__u8 lan_mac[6];
 	__u8 pad[2];
 };
+
+/* fc_targets[fc_target_key(gen, list, i)] = slot; fc_list_len[fc_list_key(gen, list)] = n. */
+
+/* What a packet carries from the entry program through the walker's tail calls (skb->cb). */
+#define FC_CB_GEN 0
+#define FC_CB_NEXT 1  /* next list index to walk */
+#define FC_CB_MARK 2  /* the packet's own mark: restored at the end, and names its origin SA */
+#define FC_CB_DADDR 3
+#define FC_CB_LEN 4
 
 /* fc_marks: SA inbound mark (mark_in) → its slot, so a decrypted packet's origin is one lookup,
  * not a second scan of the table (two scans in one program exceed the verifier's budget). */

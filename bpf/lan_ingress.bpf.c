@@ -1,5 +1,7 @@
 /* LAN ingress: multicast in `groups` and broadcast from the LAN → one copy to every SA whose
  * remote traffic selectors contain the destination. The original continues untouched.
+ * fc_lan_ingress classifies and hands the packet to fc_lan_walk, which copies it to each SA of
+ * the LAN target list, a chunk per tail call (forecast.h).
  *
  * A copy must go to the XFRM interface with the SA's mark: its transmit path routes the copy,
  * looks the policy up by (mark, if_id) and encrypts. Any other device sends it in clear or not
@@ -35,29 +37,31 @@ static __always_inline int fc_group_wanted(const struct fc_config *cfg, __u32 da
 	return 0;
 }
 
-int fc_lan_ingress(struct __sk_buff *skb)
+/* One chunk of the LAN list from cb[FC_CB_NEXT] on, then itself for the next chunk. */
+int fc_lan_walk(struct __sk_buff *skb)
 {
-	u32 zero = 0;
+	u32 zero = 0, gen = skb->cb[FC_CB_GEN], next = skb->cb[FC_CB_NEXT];
+	u32 orig_mark = skb->cb[FC_CB_MARK], daddr = skb->cb[FC_CB_DADDR], len = skb->cb[FC_CB_LEN];
+	u32 list_key = fc_list_key(gen, FC_LIST_LAN);
 	struct fc_config *cfg = fc_config.lookup(&zero);
-	struct iphdr ip;
-	u32 daddr, len, orig_mark;
+	u32 *count = fc_list_len.lookup(&list_key);
+	u32 end;
 
-	if (!cfg || !cfg->xfrm_ifindex || skb->protocol != bpf_htons(ETH_P_IP))
-		return TC_ACT_OK;
-	if (fc_load_ip(skb, ETH_HLEN, &ip, 0) < 0)
-		return TC_ACT_OK; /* not ours to judge: the stack drops what is broken */
-	daddr = ip.daddr;
-	if (fc_is_multicast(daddr) ? !fc_group_wanted(cfg, daddr) : !fc_is_broadcast(daddr, cfg))
-		return TC_ACT_OK;
-	if (fc_is_dhcp(skb, ETH_HLEN, &ip))
-		return TC_ACT_OK;
+	if (!cfg || !count)
+		goto out;
+	end = *count;
+	for (u32 k = 0; k < FC_CHUNK; k++) {
+		u32 key = fc_target_key(gen, FC_LIST_LAN, next + k);
+		u32 *target, slot;
+		struct fc_sa *sa;
 
-	len = bpf_ntohs(ip.tot_len);
-	orig_mark = skb->mark;
-	for (u32 slot = 0; slot < FC_MAX_SAS; slot++) {
-		u32 key = slot;
-		struct fc_sa *sa = fc_sas.lookup(&key);
-
+		if (next + k >= end)
+			break;
+		target = fc_targets.lookup(&key);
+		if (!target)
+			break;
+		slot = *target;
+		sa = fc_sas.lookup(&slot);
 		if (!sa || !(sa->flags & FC_SA_ACTIVE) || !fc_sa_wants(sa, daddr))
 			continue;
 		/* Without the barrier the verifier sees a modified ctx pointer (docs/design.md). */
@@ -68,6 +72,46 @@ int fc_lan_ingress(struct __sk_buff *skb)
 		else
 			fc_drop(FC_DROP_CLONE_TO_SA);
 	}
+	if (next + FC_CHUNK < end) {
+		asm volatile("" : "+r"(skb));
+		skb->cb[FC_CB_NEXT] = next + FC_CHUNK;
+		fc_chain.call(skb, 0);
+		fc_drop(FC_DROP_CHAIN); /* only reached when the tail call failed */
+	}
+out:
+	asm volatile("" : "+r"(skb));
 	skb->mark = orig_mark;
+	return TC_ACT_OK;
+}
+
+int fc_lan_ingress(struct __sk_buff *skb)
+{
+	u32 zero = 0;
+	struct fc_config *cfg = fc_config.lookup(&zero);
+	u32 *gen = fc_gen.lookup(&zero);
+	struct iphdr ip;
+	u32 daddr, list_key, *count;
+
+	if (!cfg || !gen || !cfg->xfrm_ifindex || skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (fc_load_ip(skb, ETH_HLEN, &ip, 0) < 0)
+		return TC_ACT_OK; /* not ours to judge: the stack drops what is broken */
+	daddr = ip.daddr;
+	if (fc_is_multicast(daddr) ? !fc_group_wanted(cfg, daddr) : !fc_is_broadcast(daddr, cfg))
+		return TC_ACT_OK;
+	if (fc_is_dhcp(skb, ETH_HLEN, &ip))
+		return TC_ACT_OK;
+	/* One generation for the whole walk: the daemon only rewrites the other one. */
+	list_key = fc_list_key(*gen, FC_LIST_LAN);
+	count = fc_list_len.lookup(&list_key);
+	if (!count || !*count)
+		return TC_ACT_OK;
+	skb->cb[FC_CB_GEN] = *gen;
+	skb->cb[FC_CB_NEXT] = 0;
+	skb->cb[FC_CB_MARK] = skb->mark;
+	skb->cb[FC_CB_DADDR] = daddr;
+	skb->cb[FC_CB_LEN] = bpf_ntohs(ip.tot_len);
+	fc_chain.call(skb, 0);
+	fc_drop(FC_DROP_CHAIN);
 	return TC_ACT_OK;
 }

@@ -1,6 +1,8 @@
 /* XFRM-interface ingress (decrypted traffic): a client's multicast/broadcast → one copy to the
  * LAN (multicast or broadcast MAC) and one to every other SA that takes reinjected traffic;
- * never back to the origin. The original continues to the gateway's own stack. */
+ * never back to the origin. The original continues to the gateway's own stack.
+ * fc_tunnel_ingress makes the LAN copy and hands the packet to fc_tunnel_walk for the SA copies,
+ * a chunk of the reinject list per tail call (forecast.h). */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
@@ -92,14 +94,63 @@ static __always_inline void fc_copy_to_lan(struct __sk_buff *skb, const struct f
 		fc_drop(FC_DROP_CLONE_TO_LAN);
 }
 
+/* One chunk of the reinject list from cb[FC_CB_NEXT] on, then itself for the next chunk. */
+int fc_tunnel_walk(struct __sk_buff *skb)
+{
+	u32 zero = 0, gen = skb->cb[FC_CB_GEN], next = skb->cb[FC_CB_NEXT];
+	u32 orig_mark = skb->cb[FC_CB_MARK], daddr = skb->cb[FC_CB_DADDR], len = skb->cb[FC_CB_LEN];
+	u32 list_key = fc_list_key(gen, FC_LIST_REINJECT);
+	struct fc_config *cfg = fc_config.lookup(&zero);
+	u32 *count = fc_list_len.lookup(&list_key);
+	u32 end;
+
+	if (!cfg || !count)
+		goto out;
+	end = *count;
+	for (u32 k = 0; k < FC_CHUNK; k++) {
+		u32 key = fc_target_key(gen, FC_LIST_REINJECT, next + k);
+		u32 *target, slot;
+		struct fc_sa *sa;
+
+		if (next + k >= end)
+			break;
+		target = fc_targets.lookup(&key);
+		if (!target)
+			break;
+		slot = *target;
+		sa = fc_sas.lookup(&slot);
+		/* The origin is skipped by its mark: never back to the SA it came from. */
+		if (!sa || !(sa->flags & FC_SA_ACTIVE) || !(sa->flags & FC_SA_REINJECT) ||
+		    sa->mark_in == orig_mark || !fc_sa_wants(sa, daddr))
+			continue;
+		asm volatile("" : "+r"(skb));
+		skb->mark = sa->mark_out;
+		if (bpf_clone_redirect(skb, cfg->xfrm_ifindex, 0) == 0)
+			fc_count(slot, FC_DIR_SA_TO_SA, len);
+		else
+			fc_drop(FC_DROP_CLONE_TO_SA);
+	}
+	if (next + FC_CHUNK < end) {
+		asm volatile("" : "+r"(skb));
+		skb->cb[FC_CB_NEXT] = next + FC_CHUNK;
+		fc_chain.call(skb, 0);
+		fc_drop(FC_DROP_CHAIN); /* only reached when the tail call failed */
+	}
+out:
+	asm volatile("" : "+r"(skb));
+	skb->mark = orig_mark;
+	return TC_ACT_OK;
+}
+
 int fc_tunnel_ingress(struct __sk_buff *skb)
 {
 	u32 zero = 0;
 	struct fc_config *cfg = fc_config.lookup(&zero);
+	u32 *gen = fc_gen.lookup(&zero);
 	struct iphdr ip;
-	u32 l3, daddr, len, origin, orig_mark;
+	u32 l3, daddr, len, origin, orig_mark, list_key, *count;
 
-	if (!cfg || skb->protocol != bpf_htons(ETH_P_IP))
+	if (!cfg || !gen || skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
 	if (fc_find_ip(skb, &ip, &l3) < 0) {
 		fc_drop(FC_DROP_MALFORMED);
@@ -117,30 +168,22 @@ int fc_tunnel_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	len = bpf_ntohs(ip.tot_len);
-
-	/* The LAN copy first: the header offset is dead after it, so the verifier walks the SA
-	 * loop below once instead of once per offset. */
 	if (cfg->lan_ifindex)
 		fc_copy_to_lan(skb, cfg, l3, daddr, origin, len);
 
-	for (u32 slot = 0; slot < FC_MAX_SAS; slot++) {
-		u32 key = slot;
-		struct fc_sa *sa = fc_sas.lookup(&key);
-
-		/* The origin is skipped by its mark, not by `slot == origin`: that test would pin
-		 * origin to a constant in every "equal" branch and make the verifier walk the rest
-		 * of the loop once per slot (quadratic, past its budget). */
-		if (!sa || !(sa->flags & FC_SA_ACTIVE) || sa->mark_in == orig_mark ||
-		    !(sa->flags & FC_SA_REINJECT) || !fc_sa_wants(sa, daddr))
-			continue;
-		asm volatile("" : "+r"(skb));
-		skb->mark = sa->mark_out;
-		if (bpf_clone_redirect(skb, cfg->xfrm_ifindex, 0) == 0)
-			fc_count(slot, FC_DIR_SA_TO_SA, len);
-		else
-			fc_drop(FC_DROP_CLONE_TO_SA);
-	}
+	/* One generation for the whole walk: the daemon only rewrites the other one. */
+	list_key = fc_list_key(*gen, FC_LIST_REINJECT);
+	count = fc_list_len.lookup(&list_key);
 	asm volatile("" : "+r"(skb));
 	skb->mark = orig_mark;
+	if (!count || !*count)
+		return TC_ACT_OK;
+	skb->cb[FC_CB_GEN] = *gen;
+	skb->cb[FC_CB_NEXT] = 0;
+	skb->cb[FC_CB_MARK] = orig_mark;
+	skb->cb[FC_CB_DADDR] = daddr;
+	skb->cb[FC_CB_LEN] = len;
+	fc_chain.call(skb, 0);
+	fc_drop(FC_DROP_CHAIN);
 	return TC_ACT_OK;
 }

@@ -110,8 +110,11 @@ def ensure_bpffs(root: Path) -> bool:
     return True
 
 
-def compile_program(source: str, function: str, pin_dir: Path) -> tuple[Any, int]:
-    """Compile bpf/<source> and load `function` as a TC classifier; returns (BPF, prog fd)."""
+def compile_programs(
+    source: str, functions: tuple[str, ...], pin_dir: Path, chain_pin: Path
+) -> tuple[Any, dict[str, int]]:
+    """Compile bpf/<source> and load `functions` as TC classifiers; returns (BPF, name → fd).
+    The maps are pinned in `pin_dir`, the walker's tail-call slot at `chain_pin`."""
     from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests need no bcc
 
     bpf_src = bpf_dir()
@@ -121,10 +124,15 @@ def compile_program(source: str, function: str, pin_dir: Path) -> tuple[Any, int
     headers = kernel_source()
     if headers is not None:
         os.environ["BCC_KERNEL_SOURCE"] = str(headers)
-    cflags = [f"-I{bpf_src}", f'-DFC_PIN_DIR="{pin_dir}"', "-Wno-everything"]
+    cflags = [
+        f"-I{bpf_src}",
+        f'-DFC_PIN_DIR="{pin_dir}"',
+        f'-DFC_CHAIN_PIN="{chain_pin}"',
+        "-Wno-everything",
+    ]
     try:
         bpf = BPF(src_file=str(src).encode(), cflags=cflags)
-        fn = bpf.load_func(function.encode(), BPF.SCHED_CLS)
+        fds = {name: int(bpf.load_func(name.encode(), BPF.SCHED_CLS).fd) for name in functions}
     except Exception as exc:  # bcc raises bare Exception with the verifier's story on stderr
         raise BuildError(f"{source}: {exc}") from exc
-    return bpf, int(fn.fd)
+    return bpf, fds

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +36,7 @@ from forecast.systemd import Notifier, listen_fds
 from forecast.vici_source import BACKOFF_S, EventStream, ViciUnavailable, list_sas
 
 RESYNC_S = 30.0  # a fresh snapshot and a kernel read-back this often: drift lives no longer
+BATCH_S = 0.5  # events waiting back to back are applied together, for at most this long
 RELOADABLE = ("groups", "reinject", "log_level")
 GROUPS_FD = "groups"  # FDNAME of the membership socket in systemd's store
 log = logging.getLogger("forecast-bpf")
@@ -95,7 +97,6 @@ class Daemon:
         self.slot_by_mark: dict[int, int] = {}
         self.written: dict[int, SaEntry] = {}
         self.rules_applied: list[desired.MarkRule] | None = None
-        self.rules_seen: list[str] | None = None  # our chains as the kernel showed them then
         self.routes_applied: set[IPv4Network] | None = None
         self.reported: set[str] = set()
         self.last_desired = desired.Desired()
@@ -237,29 +238,35 @@ class Daemon:
         """Converge the kernel to the SA table. from_kernel: first read back what the kernel
         really holds (slots, our chains, routes, filters) instead of trusting memory."""
         assert self.datapath and self.rules and self.lan and self.xfrm
-        d = desired.compute(self.table.all(), self.cfg, self.lan.broadcast, self.slot_by_mark)
+        if from_kernel:
+            self._read_back()
+        d = desired.compute(
+            self.table.all(), self.cfg, self.lan.broadcast, self.slot_by_mark, set(self.written)
+        )
         self.last_desired = d
         for uid, reason in d.ignored.items():
             self._once(f"ignored {uid}", f"SA #{uid} ignored: {reason}", logging.WARNING)
         for warning in d.warnings:
             self._once(warning, warning, logging.WARNING)
+        freed = set(self.written) - set(d.slots)
         try:
-            if from_kernel:
-                self._read_back()
+            dp = self.datapath
             for slot, state in d.slots.items():
                 if self.written.get(slot) != state.entry:
-                    self.datapath.write_sa(slot, state.entry)
+                    dp.write_sa(slot, state.entry)
                     self.written[slot] = state.entry
-            for slot in set(self.written) - set(d.slots):
-                self.datapath.write_sa(slot, None)
+            # A slot is listed only once filled, and cleared only once unlisted (the publish
+            # returns when no packet walks the old lists any more).
+            dp.publish_targets({slot: st.entry for slot, st in d.slots.items()})
+            for slot in freed:
+                dp.write_sa(slot, None)
                 del self.written[slot]
             self.slot_by_mark = {st.entry.mark_in: slot for slot, st in d.slots.items()}
             if self.swap_pending:
                 self._swap_pending_filters()
             if d.rules != self.rules_applied:
-                self.rules.apply(d.rules)
+                self.rules.apply(d.rules, known=self.rules_applied)
                 self.rules_applied = list(d.rules)
-                self.rules_seen = self.rules.current()
             if self.routes_applied is None or set(d.routes) != self.routes_applied:
                 added, removed = links.sync_routes(d.routes, self.xfrm.index)
                 for net in sorted(added, key=str):
@@ -271,17 +278,23 @@ class Daemon:
             self.health.sync_errors += 1
             log.error("could not apply the desired state (will retry): %s", exc)
             self.rules_applied = self.routes_applied = None  # read back at the next try
+            freed = set()
         self.write_state()
+        if d.waiting and freed:
+            self.reconcile()  # the slots just cleared are free now
 
     def _read_back(self) -> None:
         """Replace what memory says was applied by what the kernel holds; log any drift."""
-        assert self.datapath and self.rules
+        assert self.datapath and self.rules and self.datapath.targets
         kernel_slots = self.datapath.read_slots()
         if kernel_slots != self.written:
             log.warning("SA slots in the kernel differ from the last write: repairing")
         self.written = kernel_slots
-        if self.rules_seen is not None and (
-            self.rules.current() != self.rules_seen or not self.rules.hooked()
+        self.slot_by_mark = {entry.mark_in: slot for slot, entry in kernel_slots.items()}
+        self.datapath.targets.read()
+        if self.rules_applied is not None and (
+            self.rules.signatures() != Counter(map(netfilter.signature, self.rules_applied))
+            or not self.rules.hooked()
         ):
             log.warning("our MARK chains were changed by someone else: rewriting them")
             self.rules_applied = None
@@ -417,23 +430,30 @@ class Daemon:
                 else:
                     self.notifier.status(self._status_line())
                 last_sync = time.monotonic()
+                pending: list[Change] = []  # applied to the table, not yet to the kernel
+                batch_started = 0.0
                 for label, msg in stream:
                     if stop.is_set():
                         break
                     now = time.monotonic()
                     self.notifier.tick(now)
                     self._reload_if_asked()
-                    changes = []
                     if label is not None:
                         self.health.last_event = time.time()
+                        if not pending:
+                            batch_started = now
                         try:
-                            changes = self.table.apply(label, msg, now)
+                            pending += self.table.apply(label, msg, now)
                         except PayloadError as exc:
                             log.error(
                                 "bad VICI %s payload, taking a fresh snapshot: %s", label, exc
                             )
-                            changes = self.table.load_snapshot(list_sas(self.cfg.vici_socket))
-                    changes += self.table.expire(now)
+                            pending += self.table.load_snapshot(list_sas(self.cfg.vici_socket))
+                        # A burst (a reconnect storm, a gateway restart) is applied in one
+                        # step: one list flip and one netfilter commit for all of it.
+                        if stream.ready() and now - batch_started < BATCH_S:
+                            continue
+                    changes, pending = pending + self.table.expire(now), []
                     if now - last_sync > RESYNC_S:
                         changes += self.table.load_snapshot(list_sas(self.cfg.vici_socket))
                         last_sync = now

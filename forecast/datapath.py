@@ -4,8 +4,10 @@ Control plane code writes `DatapathConfig` and `SaEntry` values; it never touche
 ctypes. Everything here mirrors bpf/forecast.h through forecast.layout.
 
 What lives under `pin_dir` (a bpffs directory), and why it outlives the daemon:
-  maps-<L>/{config,sas,marks,counters,drops}   L: digest of the map layout (forecast.h, maps.h)
-  prog-<P>-lan, prog-<P>-tunnel                 P: digest of every BPF source, the kernel, bcc
+  maps-<L>/{config,sas,marks,counters,drops,     L: digest of the map layout (forecast.h, maps.h)
+            targets,list_len,gen}
+  prog-<P>-lan, prog-<P>-tunnel                   P: digest of every BPF source, the kernel, bcc
+  chain-<P>-lan, chain-<P>-tunnel                 each program's walker, its tail-call slot
 The tc filters hold the programs and the programs the maps, so forwarding goes on while no
 daemon runs (a restart, an upgrade, a crash). A restarted daemon whose P is already pinned
 adopts the programs without compiling; a new P (an upgrade) is compiled beside the running one
@@ -27,13 +29,15 @@ from pathlib import Path
 
 from forecast import bpf_build, layout
 from forecast.layout import Direction, DropReason
-from forecast.pinned import PinnedCounters, PinnedMap, obj_get, obj_pin
+from forecast.pinned import PinnedCounters, PinnedMap, obj_get, obj_pin, prog_info
+from forecast.targets import TargetLists
 
+# role → (source, entry program the tc filter runs, the walker it tail-calls)
 PROGRAMS = {
-    "lan": ("lan_ingress.bpf.c", "fc_lan_ingress"),
-    "tunnel": ("tunnel_ingress.bpf.c", "fc_tunnel_ingress"),
+    "lan": ("lan_ingress.bpf.c", "fc_lan_ingress", "fc_lan_walk"),
+    "tunnel": ("tunnel_ingress.bpf.c", "fc_tunnel_ingress", "fc_tunnel_walk"),
 }
-MAP_NAMES = ("config", "sas", "marks", "counters", "drops")
+MAP_NAMES = ("config", "sas", "marks", "counters", "drops", "targets", "list_len", "gen")
 # The map definitions: a change here needs new maps; any other source change only new programs.
 LAYOUT_SOURCES = ("forecast.h", "lib/maps.h")
 
@@ -168,9 +172,17 @@ class Datapath:
         self.compiled = False  # False: adopted from pins, no compile needed
         self.fresh_maps = False  # True: this layout's maps did not exist before this start
         self._counters: PinnedCounters | None = None
+        self.targets: TargetLists | None = None
+        self.verified: dict[str, int] = {}  # program → verifier instructions (when compiled)
 
     def _prog_pin(self, role: str) -> Path:
         return self.pin_dir / f"prog-{self.digest}-{role}"
+
+    def _chain_pin(self, role: str) -> Path:
+        return self.pin_dir / f"chain-{self.digest}-{role}"
+
+    def _pins(self) -> list[Path]:
+        return [pin(role) for role in PROGRAMS for pin in (self._prog_pin, self._chain_pin)]
 
     def filter_name(self, role: str) -> str:
         return filter_name(PROGRAMS[role][1], self.digest)
@@ -179,15 +191,28 @@ class Datapath:
         """Adopt this build's pinned programs, or compile and pin them; open the maps."""
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         self.fresh_maps = not self.maps_dir.exists()
-        if self.fresh_maps or not all(self._prog_pin(role).exists() for role in PROGRAMS):
+        if self.fresh_maps or not all(pin.exists() for pin in self._pins()):
             self.maps_dir.mkdir(exist_ok=True)
-            for role, (source, function) in PROGRAMS.items():
-                bpf, fd = bpf_build.compile_program(source, function, self.maps_dir)
+            for role, (source, entry, walker) in PROGRAMS.items():
+                for pin in (self._prog_pin(role), self._chain_pin(role)):
+                    pin.unlink(missing_ok=True)  # a half-made build: start it again
+                bpf, fds = bpf_build.compile_programs(
+                    source, (entry, walker), self.maps_dir, self._chain_pin(role)
+                )
                 try:
-                    self._prog_pin(role).unlink(missing_ok=True)  # one without its maps
-                    obj_pin(fd, self._prog_pin(role))
+                    chain = PinnedMap(self._chain_pin(role))
+                    try:
+                        chain.update(0, ctypes.c_uint32(fds[walker]))
+                    finally:
+                        chain.close()
+                    obj_pin(fds[entry], self._prog_pin(role))
+                    self.verified = {
+                        **self.verified,
+                        entry: prog_info(fds[entry]).verified_insns,
+                        walker: prog_info(fds[walker]).verified_insns,
+                    }
                 finally:
-                    bpf.cleanup()  # the pin (and later the tc filter) keeps the program
+                    bpf.cleanup()  # the pins (and later the tc filter) keep the programs
             self.compiled = True
         for role in PROGRAMS:
             self.fds[role] = obj_get(self._prog_pin(role))
@@ -195,11 +220,13 @@ class Datapath:
             self.maps[name] = PinnedMap(self.maps_dir / name)
         # The same descriptors: counters and drops are two of the maps just opened.
         self._counters = PinnedCounters(self.maps["counters"], self.maps["drops"])
+        self.targets = TargetLists(self.maps["targets"], self.maps["list_len"], self.maps["gen"])
+        self.targets.read()
 
     def prune(self) -> list[Path]:
         """Unpin the programs and maps of other builds (unused once our filters are in place);
         returns what went."""
-        keep = {self.maps_dir, *(self._prog_pin(role) for role in PROGRAMS)}
+        keep = {self.maps_dir, *self._pins()}
         stale = sorted(p for p in self.pin_dir.iterdir() if p not in keep)
         for path in stale:
             _unpin(path)
@@ -232,6 +259,21 @@ class Datapath:
         sas.update(slot, value)
         marks.update(sa.mark_in, ctypes.c_uint32(slot))
 
+    def publish_targets(self, entries: dict[int, SaEntry]) -> bool:
+        """The walkers' lists from the filled slots: every slot for the LAN, the reinjecting
+        ones for client-to-client copies. Atomic for packets (forecast.targets)."""
+        assert self.targets is not None
+        return self.targets.publish(
+            {
+                layout.FC_LIST_LAN: entries.keys(),
+                layout.FC_LIST_REINJECT: [s for s, e in entries.items() if e.reinject],
+            }
+        )
+
+    def sync_targets(self) -> bool:
+        """The lists from what the slots hold now (tests and tools that write slots directly)."""
+        return self.publish_targets(self.read_slots())
+
     # -- reads ------------------------------------------------------------------------------
     def read_slot(self, slot: int) -> SaEntry | None:
         value = layout.FcSa()
@@ -242,18 +284,19 @@ class Datapath:
     def read_slots(self) -> dict[int, SaEntry]:
         """Every filled slot as the kernel holds it: what a restarted daemon starts from."""
         out = {}
-        for slot in range(layout.FC_MAX_SAS):
-            entry = self.read_slot(slot)
+        for slot, value in enumerate(self.maps["sas"].dump(layout.FC_MAX_SAS, layout.FcSa)):
+            entry = decode_sa(value)
             if entry is not None:
                 out[slot] = entry
         return out
 
     def counters(self, slots: Iterable[int] | None = None) -> dict[int, SlotCounters]:
         assert self._counters is not None
+        wanted = list(slots) if slots is not None else list(range(layout.FC_MAX_SAS))
         out: dict[int, SlotCounters] = {}
-        for slot in slots if slots is not None else range(layout.FC_MAX_SAS):
+        for slot, by_dir in self._counters.slots(wanted).items():
             sc = SlotCounters()
-            for d, (packets, nbytes) in self._counters.slot(slot).items():
+            for d, (packets, nbytes) in by_dir.items():
                 sc.by_direction[d] = Traffic(packets, nbytes)
             out[slot] = sc
         return out
@@ -272,6 +315,9 @@ class Datapath:
             m.close()
         self.maps.clear()
         self._counters = None  # its maps were among those just closed
+        if self.targets is not None:
+            self.targets.close()
+            self.targets = None
 
     def remove(self) -> None:
         """A deliberate stop: close, then unpin every program and map of every build."""

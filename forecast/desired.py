@@ -5,7 +5,7 @@ Nothing here knows about VICI, and nothing here touches the kernel (docs/design.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 
@@ -43,6 +43,9 @@ class Desired:
     # child unique id → why forecast-bpf leaves it alone (logged once, shown by `check`)
     ignored: dict[int, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # marks that got no slot only because the free ones are still being cleared: the next
+    # reconcile (at once) gives them one
+    waiting: list[int] = field(default_factory=list)
 
 
 def forwards_to(ts: IPv4Network, lan_broadcast: IPv4Address | None) -> bool:
@@ -78,14 +81,18 @@ def why_ignored(child: ChildSa, cfg: Config) -> str | None:
     return None
 
 
-def assign_slots(marks: list[int], previous: Mapping[int, int]) -> tuple[dict[int, int], list[int]]:
+def assign_slots(
+    marks: list[int], previous: Mapping[int, int], busy: Set[int] = frozenset()
+) -> tuple[dict[int, int], list[int]]:
     """Stable slots by inbound mark: an SA keeps its slot (and counters) across rekeys and
-    daemon restarts; new marks take the lowest free slot. Returns (mark → slot, left out)."""
+    daemon restarts; new marks take the lowest free slot. `busy`: slots the kernel still holds
+    for an SA that is going; never reused in the same step, or a packet walking the old list
+    could read a slot half-way between two SAs. Returns (mark → slot, left out)."""
     out: dict[int, int] = {}
     for mark in marks:
         if mark in previous and 0 <= previous[mark] < layout.FC_MAX_SAS:
             out[mark] = previous[mark]
-    used = set(out.values())
+    used = set(out.values()) | set(busy)
     free = (s for s in range(layout.FC_MAX_SAS) if s not in used)
     left_out = []
     for mark in marks:
@@ -134,6 +141,7 @@ def compute(
     cfg: Config,
     lan_broadcast: IPv4Address | None,
     previous_slots: Mapping[int, int],
+    busy_slots: Set[int] = frozenset(),
 ) -> Desired:
     desired = Desired()
     by_mark: dict[int, list[ChildSa]] = {}
@@ -143,11 +151,14 @@ def compute(
             desired.ignored[child.unique_id] = reason
         else:
             by_mark.setdefault(child.mark_in, []).append(child)
-    slots, left_out = assign_slots(sorted(by_mark), previous_slots)
-    for mark in left_out:
-        desired.warnings.append(
-            f"SA table full ({layout.FC_MAX_SAS} SAs): mark {mark:#x} gets no forwarding"
-        )
+    slots, left_out = assign_slots(sorted(by_mark), previous_slots, busy_slots)
+    if len(by_mark) > layout.FC_MAX_SAS:
+        for mark in left_out:
+            desired.warnings.append(
+                f"SA table full ({layout.FC_MAX_SAS} SAs): mark {mark:#x} gets no forwarding"
+            )
+    else:
+        desired.waiting = left_out
     seen_rules: set[tuple[str, tuple[str, ...]]] = set()
 
     def add_rule(rule: MarkRule | None) -> None:

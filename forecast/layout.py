@@ -11,9 +11,16 @@ import socket
 import struct
 from enum import IntEnum
 
-FC_MAX_SAS = 64
+FC_CHUNK = 256
+FC_TAIL_CALLS = 33
+FC_MAX_SAS = 8448
 FC_MAX_TS = 4
 FC_MAX_GROUPS = 16
+
+FC_LIST_LAN = 0
+FC_LIST_REINJECT = 1
+FC_LISTS = 2
+FC_GENS = 2
 
 FC_SA_ACTIVE = 0x1
 FC_SA_REINJECT = 0x2
@@ -34,6 +41,7 @@ class DropReason(IntEnum):
     UNKNOWN_ORIGIN = 2
     MALFORMED = 3
     NO_HEADROOM = 4
+    CHAIN = 5
 
 
 FC_DROPS = len(DropReason)
@@ -76,3 +84,11 @@ def be32(address: str) -> int:
 
 def counter_key(slot: int, direction: Direction) -> int:
     return slot * FC_DIRS + int(direction)
+
+
+def target_key(gen: int, lst: int, i: int) -> int:
+    return (gen * FC_LISTS + lst) * FC_MAX_SAS + i
+
+
+def list_key(gen: int, lst: int) -> int:
+    return gen * FC_LISTS + lst

@@ -1,8 +1,10 @@
 """MARK rules in forecast-bpf's own mangle chains, applied atomically.
 
-Our chains are replaced whole in one `iptables-restore --noflush` transaction per change (a
-declared user chain is flushed and refilled in the same commit), so a rekey's new SPI rule is
-in before, or together with, the old one's removal, and other writers' rules are never touched.
+Every change is one `iptables-restore --noflush` transaction, so a rekey's new SPI rule is in
+together with the old one's removal, and other writers' rules are never touched. When the
+chains' contents are known (the daemon applied them) only the difference is sent: an SA event
+costs a few `-A`/`-D` lines, not a rewrite of thousands of rules. Otherwise (a start, drift) the
+chains are declared, which flushes them, and refilled in the same commit.
 The back end is whichever the host's `iptables` is (nf_tables or legacy), said in the log.
 """
 
@@ -10,7 +12,8 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from forecast.desired import MarkRule
@@ -56,6 +59,30 @@ def render_rule(rule: MarkRule) -> str:
     )
 
 
+def render_delta(old: Sequence[MarkRule], new: Sequence[MarkRule]) -> str | None:
+    """The transaction that turns chains holding `old` into `new`; None when equal. Additions
+    come first: within the commit nothing is ever without its rule."""
+    before, after = Counter(old), Counter(new)
+    added, gone = after - before, before - after
+    if not added and not gone:
+        return None
+    lines = ["*mangle"]
+    lines += [render_rule(r) for r in added.elements()]
+    lines += ["-D" + render_rule(r)[2:] for r in gone.elements()]
+    lines += ["COMMIT", ""]
+    return "\n".join(lines)
+
+
+_SAVED = re.compile(
+    r"^-A (\S+) .*--comment (?:\"([^\"]*)\"|(\S+)) -j MARK --set-xmark (0x[0-9a-f]+)/0xffffffff$"
+)
+
+
+def signature(rule: MarkRule) -> tuple[str, str, int]:
+    """What identifies a rule of ours in iptables-save's output, whatever its spelling."""
+    return (CHAINS[rule.chain], rule.comment, rule.mark)
+
+
 def render(rules: Iterable[MarkRule]) -> str:
     """The whole transaction: both chains declared (so flushed) and refilled."""
     lines = ["*mangle", *(f":{chain} - [0:0]" for chain in CHAINS.values())]
@@ -84,8 +111,15 @@ class Rules:
         """Are both our chains jumped to from their hooks?"""
         return all(self._jump_present(hook) for hook in CHAINS)
 
-    def apply(self, rules: Iterable[MarkRule]) -> None:
-        """Replace our chains' contents in one commit; hook them in at the top once."""
+    def apply(self, rules: Iterable[MarkRule], known: Sequence[MarkRule] | None = None) -> None:
+        """Make our chains hold `rules` in one commit; hook them in at the top once.
+        `known`: what the chains hold now, when certain; then only the difference is sent."""
+        rules = list(rules)
+        if known is not None and self.hooked():
+            delta = render_delta(known, rules)
+            if delta is not None:
+                _run([self.backend.restore, "-w", "--noflush"], self.netns, delta)
+            return
         _run([self.backend.restore, "-w", "--noflush"], self.netns, render(rules))
         for hook, chain in CHAINS.items():
             if not self._jump_present(hook):
@@ -104,6 +138,17 @@ class Rules:
             for line in out.splitlines()
             if any(line.startswith(f"-A {c} ") for c in CHAINS.values())
         ]
+
+    def signatures(self) -> Counter[tuple[str, str, int]]:
+        """Our chains' rules as (chain, comment, mark), to compare with what was applied."""
+        out: Counter[tuple[str, str, int]] = Counter()
+        for line in self.current():
+            m = _SAVED.match(line)
+            # A line of another shape in our chains is someone else's: counted as such.
+            out[
+                (m[1], m[2] if m[2] is not None else m[3], int(m[4], 16)) if m else ("?", line, 0)
+            ] += 1
+        return out
 
     def remove(self) -> None:
         """Unhook and delete our chains; nothing of ours is left, nothing else is touched."""

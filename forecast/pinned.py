@@ -39,6 +39,23 @@ def _libbpf() -> ctypes.CDLL:
             ctypes.c_void_p,
             ctypes.c_uint64,
         ]
+        batch_opts = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.bpf_map_update_batch.argtypes = [ctypes.c_int, *batch_opts[:3], ctypes.c_void_p]
+        lib.bpf_map_lookup_batch.argtypes = [
+            ctypes.c_int,
+            *batch_opts,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.bpf_map_create.argtypes = [
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_uint32,
+            ctypes.c_uint32,
+            ctypes.c_uint32,
+            ctypes.c_void_p,
+        ]
         _lib = lib
     return _lib
 
@@ -97,10 +114,149 @@ class PinnedMap:
         ):
             raise PinnedError(f"{self.path.name}[{key}]: delete failed: {_errno_text()}")
 
+    def update_many(self, items: dict[int, int]) -> None:
+        """Write u32 values in one system call (an array map's batch update)."""
+        if not items:
+            return
+        n = len(items)
+        keys = (ctypes.c_uint32 * n)(*items.keys())
+        values = (ctypes.c_uint32 * n)(*items.values())
+        count = ctypes.c_uint32(n)
+        rc = _libbpf().bpf_map_update_batch(self.fd, keys, values, ctypes.byref(count), None)
+        if rc:
+            raise PinnedError(f"{self.path.name}: batch update of {n} failed: {_errno_text()}")
+
+    def dump(self, count: int, value_type: Any) -> list[Any]:
+        """Values 0..count-1 of an array map, read in batches (one call per 4,096)."""
+        out: list[Any] = []
+        step = 4096
+        token = ctypes.c_uint32(0)
+        first = True
+        while len(out) < count:
+            n = min(step, count - len(out))
+            keys = (ctypes.c_uint32 * n)()
+            values = (value_type * n)()
+            got = ctypes.c_uint32(n)
+            rc = _libbpf().bpf_map_lookup_batch(
+                self.fd,
+                None if first else ctypes.byref(token),
+                ctypes.byref(token),
+                keys,
+                values,
+                ctypes.byref(got),
+                None,
+            )
+            if rc and ctypes.get_errno() != errno.ENOENT:
+                raise PinnedError(f"{self.path.name}: batch lookup failed: {_errno_text()}")
+            out.extend(values[: got.value])
+            first = False
+            if rc or not got.value:
+                break
+        if len(out) != count:
+            raise PinnedError(f"{self.path.name}: read {len(out)} of {count} entries")
+        return out
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class _ProgInfo(ctypes.Structure):
+    """struct bpf_prog_info up to verified_insns (kernel 5.16+; older kernels leave it 0)."""
+
+    _fields_ = (
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("_pointers", ctypes.c_uint64 * 3),  # jited/xlated insns, load_time
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),
+        ("_netns", ctypes.c_uint64 * 2),
+        ("_jited_ksyms", ctypes.c_uint32 * 2),
+        ("_jited_ptrs", ctypes.c_uint64 * 2),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("_line_info", ctypes.c_uint64 * 2),
+        ("_line_counts", ctypes.c_uint32 * 4),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64),
+        ("verified_insns", ctypes.c_uint32),
+        ("_attach", ctypes.c_uint32 * 2),
+    )
+
+
+def prog_info(fd: int) -> _ProgInfo:
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    if _libbpf().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)):
+        raise PinnedError(f"program info: {_errno_text()}")
+    return info
+
+
+class _MapCreateOpts(ctypes.Structure):
+    _fields_ = (
+        ("sz", ctypes.c_size_t),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+    )
+
+
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
+
+
+class RcuBarrier:
+    """Waits until no BPF program still runs with what it read before the call.
+
+    The kernel waits for an RCU grace period (synchronize_rcu) whenever user space stores a map
+    into a map-in-map, so every program that started before the store has finished when the
+    call returns; the kernel's own selftests use the same store to the same end. Two tiny maps
+    of our own, never pinned, serve only that."""
+
+    def __init__(self) -> None:
+        lib = _libbpf()
+        self.inner = int(lib.bpf_map_create(BPF_MAP_TYPE_ARRAY, b"fc_rcu_inner", 4, 4, 1, None))
+        if self.inner < 0:
+            raise PinnedError(f"RCU barrier map: {_errno_text()}")
+        opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), inner_map_fd=self.inner)
+        self.outer = int(
+            lib.bpf_map_create(
+                BPF_MAP_TYPE_ARRAY_OF_MAPS, b"fc_rcu_outer", 4, 4, 1, ctypes.byref(opts)
+            )
+        )
+        if self.outer < 0:
+            err = _errno_text()
+            os.close(self.inner)
+            raise PinnedError(f"RCU barrier map-in-map: {err}")
+
+    def wait(self) -> None:
+        key, value = ctypes.c_uint32(0), ctypes.c_uint32(self.inner)
+        if _libbpf().bpf_map_update_elem(
+            self.outer, ctypes.byref(key), ctypes.byref(value), BPF_ANY
+        ):
+            raise PinnedError(f"RCU barrier: {_errno_text()}")
+
+    def close(self) -> None:
+        for fd in (self.outer, self.inner):
+            if fd >= 0:
+                os.close(fd)
+        self.outer = self.inner = -1
 
 
 class PinnedCounters:
@@ -126,6 +282,22 @@ class PinnedCounters:
             if not self.counters.lookup(layout.counter_key(slot, d), values):
                 raise PinnedError(f"counters[{slot}, {d.name}] unreadable")
             out[d] = (sum(v.packets for v in values), sum(v.bytes for v in values))
+        return out
+
+    def slots(self, slots: list[int]) -> dict[int, dict[Direction, tuple[int, int]]]:
+        """Several slots at once: one batch read of the whole map when many are asked for
+        (status and the metrics at thousands of SAs), single lookups for a few."""
+        if len(slots) < 64:
+            return {slot: self.slot(slot) for slot in slots}
+        per_cpu = layout.FcCounter * self.ncpu
+        values = self.counters.dump(layout.FC_MAX_SAS * layout.FC_DIRS, per_cpu)
+        out = {}
+        for slot in slots:
+            by_dir = {}
+            for d in Direction:
+                v = values[layout.counter_key(slot, d)]
+                by_dir[d] = (sum(c.packets for c in v), sum(c.bytes for c in v))
+            out[slot] = by_dir
         return out
 
     def zero(self, slot: int) -> None:

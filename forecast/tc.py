@@ -15,6 +15,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 INGRESS = "ffff:fff2"
+EGRESS = "ffff:fff3"
 HANDLE = ":1"
 DEFAULT_PRIO = 0xFC  # "fc": unlikely to clash with an operator's own filters
 

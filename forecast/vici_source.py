@@ -9,6 +9,7 @@ snapshot: the table is always derived, never replayed from memory.
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,16 @@ class EventStream:
                 yield self.pending.pop(0)
             else:
                 yield self._next()
+
+    def ready(self) -> bool:
+        """Is another event already waiting? (The daemon applies a burst in one step.)"""
+        if self.pending:
+            return True
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return bool(readable)
 
     def close(self) -> None:
         # The generator first, while its socket is open: its clean-up unregisters the events,

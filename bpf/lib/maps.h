@@ -8,6 +8,9 @@
 #ifndef FC_PIN_DIR
 #error "FC_PIN_DIR must be defined by the loader"
 #endif
+#ifndef FC_CHAIN_PIN
+#error "FC_CHAIN_PIN must be defined by the loader"
+#endif
 
 BPF_TABLE_PINNED("array", u32, struct fc_config, fc_config, 1, FC_PIN_DIR "/config");
 BPF_TABLE_PINNED("array", u32, struct fc_sa, fc_sas, FC_MAX_SAS, FC_PIN_DIR "/sas");
@@ -15,12 +18,28 @@ BPF_TABLE_PINNED("hash", u32, u32, fc_marks, FC_MAX_SAS, FC_PIN_DIR "/marks");
 BPF_TABLE_PINNED("percpu_array", u32, struct fc_counter, fc_counters, FC_MAX_SAS * FC_DIRS,
 		 FC_PIN_DIR "/counters");
 BPF_TABLE_PINNED("percpu_array", u32, u64, fc_drops, FC_DROPS, FC_PIN_DIR "/drops");
+BPF_TABLE_PINNED("array", u32, u32, fc_targets, FC_GENS * FC_LISTS * FC_MAX_SAS,
+		 FC_PIN_DIR "/targets");
+BPF_TABLE_PINNED("array", u32, u32, fc_list_len, FC_GENS * FC_LISTS, FC_PIN_DIR "/list_len");
+BPF_TABLE_PINNED("array", u32, u32, fc_gen, 1, FC_PIN_DIR "/gen");
+/* The walker's own slot: one per build and program (its tail calls must stay within it). */
+BPF_TABLE_PINNED("prog", u32, u32, fc_chain, 1, FC_CHAIN_PIN);
 
 /* bcc rewrites map methods (.lookup) only when written in the main source file, never in a
  * header or a macro: the programs look up, these helpers only update what was found. */
 static __always_inline u32 fc_counter_key(u32 slot, u32 dir)
 {
 	return slot * FC_DIRS + dir;
+}
+
+static __always_inline u32 fc_target_key(u32 gen, u32 list, u32 i)
+{
+	return (gen * FC_LISTS + list) * FC_MAX_SAS + i;
+}
+
+static __always_inline u32 fc_list_key(u32 gen, u32 list)
+{
+	return gen * FC_LISTS + list;
 }
 
 static __always_inline void fc_counter_add(struct fc_counter *c, u32 len)

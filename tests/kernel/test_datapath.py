@@ -109,6 +109,7 @@ def _sas(gateway: Gateway) -> None:
     gateway.datapath.write_sa(0, SaEntry(0x11, 0x11, (vip, mc, bc), reinject=True))
     gateway.datapath.write_sa(1, SaEntry(0x12, 0x12, (mc,), reinject=True))
     gateway.datapath.write_sa(5, SaEntry(0x13, 0x13, (mc, bc), reinject=False))
+    assert gateway.datapath.sync_targets()
 
 
 def _fcrules(gateway: Gateway) -> dict[int, int]:
@@ -193,8 +194,10 @@ def test_cleared_slot_gets_nothing_and_a_reused_slot_starts_from_zero(gateway: G
     _sas(gateway)
     traffic.send(gateway.lan, GROUP, PORT, "a", 3, iface="eth0", pad=PAD)
     gateway.datapath.write_sa(1, None)
+    assert gateway.datapath.sync_targets()
     traffic.send(gateway.lan, GROUP, PORT, "b", 4, iface="eth0", pad=PAD)
     time.sleep(0.3)
     assert _fcrules(gateway)[0x12] == 3
     gateway.datapath.write_sa(1, SaEntry(0x21, 0x21, (IPv4Network("224.0.0.0/4"),)))
+    assert gateway.datapath.sync_targets()
     assert gateway.datapath.counters([1])[1].by_direction[Direction.LAN_TO_SA].packets == 0

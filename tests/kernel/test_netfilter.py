@@ -3,6 +3,8 @@ removed without a trace, and nobody else's rules touched."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from forecast import netfilter
@@ -104,4 +106,39 @@ def test_a_bad_rule_changes_nothing(nsname: str) -> None:
         )
     current = rules.current()
     assert len(current) == 1 and "10.1.0.129/32" in current[0]  # the commit was all or nothing
+    rules.remove()
+
+
+def test_a_delta_touches_only_what_changed(nsname: str) -> None:
+    rules = netfilter.Rules(nsname)
+    old = [
+        _rule("PREROUTING", ESP, 2),
+        _rule("PREROUTING", ("-d", "10.1.0.129/32"), 2),
+        _rule("OUTPUT", ("-d", "10.1.0.129/32"), 2),
+    ]
+    rules.apply(old)
+    # Rekey: a new SPI for the same SA; another SA arrives. The delta names three lines.
+    rekeyed = _rule("PREROUTING", (*ESP[:-1], "1061112766"), 2)
+    new = [rekeyed, old[1], old[2], _rule("OUTPUT", ("-d", "10.1.0.130/32"), 3)]
+    delta = netfilter.render_delta(old, new)
+    assert delta is not None
+    body = [line for line in delta.splitlines() if line.startswith(("-A", "-D"))]
+    assert [line[:2] for line in body] == ["-A", "-A", "-D"]  # additions before the removal
+    rules.apply(new, known=old)
+    current = rules.current()
+    assert len(current) == 4
+    assert any("--espspi 1061112766" in r for r in current)
+    assert not any("--espspi 1061112765" in r for r in current)
+    assert rules.signatures() == Counter(map(netfilter.signature, new))
+    assert netfilter.render_delta(new, list(reversed(new))) is None  # order alone is no change
+    rules.remove()
+
+
+def test_signatures_see_someone_elses_edit(nsname: str) -> None:
+    rules = netfilter.Rules(nsname)
+    applied = [_rule("PREROUTING", ("-d", "10.1.0.129/32"), 2)]
+    rules.apply(applied)
+    assert rules.signatures() == Counter(map(netfilter.signature, applied))
+    netns.run(["iptables", "-t", "mangle", "-A", "FORECAST-PRE", "-j", "ACCEPT"], netns=nsname)
+    assert rules.signatures() != Counter(map(netfilter.signature, applied))
     rules.remove()

@@ -90,6 +90,19 @@ def test_slots_are_stable_and_capacity_is_reported() -> None:
     assert len(slots) == layout.FC_MAX_SAS and left == marks[-2:]
 
 
+def test_a_slot_being_cleared_is_not_given_away_in_the_same_step() -> None:
+    # Mark 5 leaves slot 0, mark 8 arrives: it must not land in slot 0 while packets may
+    # still walk a list that names slot 0 as mark 5's.
+    slots, left = desired.assign_slots([6, 8], {6: 1}, busy={0, 1})
+    assert slots == {6: 1, 8: 2} and not left
+    # A full table whose only free slot is still being cleared: the mark waits, no warning.
+    marks = list(range(1, layout.FC_MAX_SAS + 1))
+    previous = {m: m - 1 for m in marks[:-1]}
+    busy = set(range(layout.FC_MAX_SAS))
+    slots, left = desired.assign_slots(marks, previous, busy)
+    assert left == [marks[-1]]
+
+
 def test_zero_prefix_and_multicast_selectors_never_get_unicast_rules(fixtures_dir: Path) -> None:
     child = _children(fixtures_dir, "002")[0]
     child = replace(

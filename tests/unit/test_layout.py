@@ -30,7 +30,13 @@ def _struct_fields(name: str) -> list[tuple[str, str, str]]:
 
 def test_constants_match() -> None:
     d = _defines()
-    assert d["FC_MAX_SAS"] == layout.FC_MAX_SAS
+    assert d["FC_MAX_SAS"] == layout.FC_MAX_SAS == layout.FC_CHUNK * layout.FC_TAIL_CALLS
+    assert d["FC_CHUNK"] == layout.FC_CHUNK
+    assert d["FC_TAIL_CALLS"] == layout.FC_TAIL_CALLS
+    assert d["FC_LIST_LAN"] == layout.FC_LIST_LAN
+    assert d["FC_LIST_REINJECT"] == layout.FC_LIST_REINJECT
+    assert d["FC_LISTS"] == layout.FC_LISTS
+    assert d["FC_GENS"] == layout.FC_GENS
     assert d["FC_MAX_TS"] == layout.FC_MAX_TS
     assert d["FC_MAX_GROUPS"] == layout.FC_MAX_GROUPS
     assert d["FC_SA_ACTIVE"] == layout.FC_SA_ACTIVE
