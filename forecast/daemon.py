@@ -32,7 +32,7 @@ from forecast import bpf_build, config, desired, links, metrics, netfilter, tc
 from forecast.config import Config
 from forecast.datapath import Datapath, DatapathConfig, SaEntry, remove_pins
 from forecast.sa import Change, PayloadError, SaTable
-from forecast.systemd import Notifier, listen_fds
+from forecast.systemd import Notifier, listen_fds, process_age
 from forecast.vici_source import BACKOFF_S, EventStream, ViciUnavailable, list_sas
 
 RESYNC_S = 30.0  # a fresh snapshot and a kernel read-back this often: drift lives no longer
@@ -103,11 +103,14 @@ class Daemon:
         self.notifier = Notifier()
         self.metrics_server: Any = None
         self.reload_requested = threading.Event()
+        self.timings: dict[str, float] = {}  # start-up phases, for the READY log line
 
     # -- set-up -----------------------------------------------------------------------------
     def setup(self) -> None:
+        t0 = time.monotonic()
         with self.notifier.keepalive():
             self._setup()
+        self.timings["set-up"] = time.monotonic() - t0
 
     def _setup(self) -> None:
         cfg = self.cfg
@@ -412,6 +415,7 @@ class Daemon:
         while not stop.is_set():
             stream = None
             try:
+                t_snapshot = time.monotonic()
                 stream = EventStream(self.cfg.vici_socket)
                 changes = self.table.load_snapshot(list_sas(self.cfg.vici_socket))
                 self.health.vici_connected = True
@@ -421,9 +425,16 @@ class Daemon:
                 self.health.last_event = time.time()
                 self._apply_changes(changes)
                 self.reconcile(from_kernel=True)
+                self.timings["snapshot"] = time.monotonic() - t_snapshot
                 if not ready_sent:
                     # Programs attached and the snapshot applied: now, and only now, ready.
                     self.notifier.ready(self._status_line())
+                    log.info(
+                        "ready: %s, %.2f s after the process started (%s)",
+                        self._status_line(),
+                        process_age(),
+                        ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()),
+                    )
                     if on_ready:
                         on_ready()
                     ready_sent = True

@@ -155,3 +155,12 @@ def stop_is_a_restart() -> bool:
     """SIGTERM under systemd: True when systemd will start us again right away."""
     unit = own_unit()
     return unit is not None and running_job(unit) in HANDOVER_JOBS
+
+
+def process_age() -> float:
+    """Seconds since this process started (the kernel's start time, so the interpreter's own
+    start-up counts too)."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in ticks
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return max(0.0, uptime - started)

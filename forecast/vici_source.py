@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import vici
 
 EVENTS = ["child-updown", "child-rekey", "ike-updown", "ike-rekey"]
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
+POLL_S = 0.05
 
 
 class ViciUnavailable(ConnectionError):
@@ -50,10 +52,14 @@ class EventStream:
 
     def __init__(self, path: Path, idle_timeout: float = 1.0) -> None:
         self.path = path
+        self.idle_timeout = idle_timeout
         self.sock = _connect(path)
-        self._gen = vici.Session(self.sock).listen(EVENTS, timeout=idle_timeout)
-        # The first step registers every event with charon (and may already yield one).
-        self.pending: list[tuple[str | None, Any]] = [self._next()]
+        # vici's listen() waits a whole timeout in its first step, after registering; a short
+        # one keeps start-up (and READY) from waiting for nothing; idle ticks are spaced below.
+        self._gen = vici.Session(self.sock).listen(EVENTS, timeout=POLL_S)
+        first = self._next()  # registers every event with charon (and may already yield one)
+        self.pending: list[tuple[str | None, Any]] = [first] if first[0] is not None else []
+        self._last_yield = time.monotonic()
 
     def _next(self) -> tuple[str | None, Any]:
         try:
@@ -68,10 +74,12 @@ class EventStream:
 
     def __iter__(self) -> Iterator[tuple[str | None, Any]]:
         while True:
-            if self.pending:
-                yield self.pending.pop(0)
-            else:
-                yield self._next()
+            item = self.pending.pop(0) if self.pending else self._next()
+            now = time.monotonic()
+            if item[0] is None and now - self._last_yield < self.idle_timeout:
+                continue  # (None, None) once per idle_timeout, not once per poll
+            self._last_yield = now
+            yield item
 
     def ready(self) -> bool:
         """Is another event already waiting? (The daemon applies a burst in one step.)"""
