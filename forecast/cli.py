@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from forecast import __version__
+from forecast.status import SORT_KEYS
 
 
 def _positive_clients(text: str) -> int:
@@ -30,6 +31,12 @@ def _interval(text: str) -> float:
     if not 0.1 <= value <= 3600:
         raise argparse.ArgumentTypeError("--interval must be 0.1..3600 seconds")
     return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return int(text)
 
 
 def _if_id(text: str) -> int:
@@ -113,6 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
                 type=_interval,
                 default=1.0,
                 help="seconds between --watch refreshes (1)",
+            )
+            p.add_argument(
+                "--sort",
+                choices=SORT_KEYS,
+                default="slot",
+                help="row order; counters sort busiest first (by rate under --watch)",
+            )
+            p.add_argument("--top", type=_positive, metavar="N", help="only the first N rows")
+            p.add_argument(
+                "--match",
+                metavar="ID|VIP|CONN",
+                help="only SAs with this unique id, or whose virtual IP, remote id or "
+                "connection/child name contains this text",
             )
 
     lab = sub.add_parser("lab", help="try it in a lab with real strongSwan and real IPsec")

@@ -166,10 +166,11 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    view = status.View(sort=args.sort, top=args.top, match=args.match)
     try:
         cfg = _config(args)
         if args.watch:
-            return status.watch(cfg.state_file, args.interval, sys.stdout)
+            return status.watch(cfg.state_file, args.interval, sys.stdout, view=view)
         snap = status.read(cfg.state_file)
     except ConfigError as exc:
         return _fail(str(exc))
@@ -177,8 +178,18 @@ def run_status(args: argparse.Namespace) -> int:
         print(str(exc), file=sys.stderr)
         return 3
     if args.json:
-        print(json.dumps(snap.doc, indent=2))
+        # Complete whatever the terminal: every SA, unless --match/--top/--sort ask otherwise.
+        doc = dict(snap.doc)
+        if (args.match, args.top, args.sort) != (None, None, "slot"):
+            doc["sas"] = status.select(snap.sas, view)
+            doc["selection"] = {
+                "match": args.match,
+                "sort": args.sort,
+                "top": args.top,
+                "of": len(snap.sas),
+            }
+        print(json.dumps(doc, indent=2))
     else:
-        print(status.render_table(snap))
+        print(status.render_table(snap, view=status.terminal_view(view, full_height=False)))
     # 1: the daemon is down but its data path still forwards (a crash, or between restarts).
     return 0 if snap.doc["daemon"]["running"] else 1

@@ -39,6 +39,8 @@ class Config:
     xfrm: XfrmConfig = field(default_factory=XfrmConfig)
     vici_socket: Path = Path("/var/run/charon.vici")
     metrics_address: str = "127.0.0.1:9719"
+    # Per-SA series (6 per SA: packets and bytes, 3 directions); per-connection sums always.
+    metrics_per_sa: bool = True
     log_level: str = "info"
     pin_dir: Path = Path("/sys/fs/bpf/forecast-bpf")
     # What `status` reads besides the pinned maps: which SA each slot holds.
@@ -52,6 +54,7 @@ KEYS = {
     "xfrm",
     "vici_socket",
     "metrics_address",
+    "metrics_per_sa",
     "log_level",
     "pin_dir",
     "state_file",
@@ -166,6 +169,12 @@ def parse(data: Any, source: str = "<config>") -> Config:
         kw["vici_socket"] = _path(f"{source}: vici_socket", data["vici_socket"])
     if "metrics_address" in data:
         kw["metrics_address"] = _address_port(f"{source}: metrics_address", data["metrics_address"])
+    if "metrics_per_sa" in data:
+        if not isinstance(data["metrics_per_sa"], bool):
+            raise ConfigError(
+                f"{source}: metrics_per_sa: expected true or false, got {data['metrics_per_sa']!r}"
+            )
+        kw["metrics_per_sa"] = data["metrics_per_sa"]
     if "log_level" in data:
         level = data["log_level"]
         if level not in LOG_LEVELS:

@@ -37,7 +37,7 @@ from forecast.vici_source import BACKOFF_S, EventStream, ViciUnavailable, list_s
 
 RESYNC_S = 30.0  # a fresh snapshot and a kernel read-back this often: drift lives no longer
 BATCH_S = 0.5  # events waiting back to back are applied together, for at most this long
-RELOADABLE = ("groups", "reinject", "log_level")
+RELOADABLE = ("groups", "reinject", "log_level", "metrics_per_sa")
 GROUPS_FD = "groups"  # FDNAME of the membership socket in systemd's store
 log = logging.getLogger("forecast-bpf")
 
@@ -395,7 +395,8 @@ class Daemon:
         path = self.cfg.state_file
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=2))
+        # Compact: at thousands of SAs, indenting costs 4x the time and 1.5x the bytes per event.
+        tmp.write_text(json.dumps(doc, separators=(",", ":")))
         os.replace(tmp, path)
 
     # -- the loop ---------------------------------------------------------------------------

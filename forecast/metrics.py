@@ -4,6 +4,10 @@ Names follow the Prometheus naming guide (`forecast_` prefix, base units, `_tota
 Labels stay low-cardinality: connection, child and CHILD_SA unique id; never traffic-selector
 strings. A gone SA's series disappear because each scrape yields only the SAs in the data
 path now.
+
+Series count: 6 per SA (`forecast_sa_packets_total` and `forecast_sa_bytes_total`, 3 directions
+each), so 24,576 at 4,096 SAs, plus 6 per connection (`forecast_connection_*`, the sums over its
+SAs) and about 20 fixed. `metrics_per_sa: false` drops the per-SA series and keeps the sums.
 """
 
 from __future__ import annotations
@@ -53,7 +57,19 @@ class ForecastCollector(Collector):
             "Bytes (IP length) forwarded, per SA and direction",
             labels=[*SA_LABELS, "direction"],
         )
+        conn_packets = CounterMetricFamily(
+            "forecast_connection_packets",
+            "Multicast/broadcast packets forwarded, summed over a connection's SAs",
+            labels=["connection", "direction"],
+        )
+        conn_bytes = CounterMetricFamily(
+            "forecast_connection_bytes",
+            "Bytes (IP length) forwarded, summed over a connection's SAs",
+            labels=["connection", "direction"],
+        )
         slots = dict(d.last_desired.slots)  # one consistent view for this scrape
+        per_sa = d.cfg.metrics_per_sa
+        sums: dict[tuple[str, str], list[int]] = {}
         if d.datapath is not None and slots:
             counters = d.datapath.counters(list(slots))
             for slot, state in slots.items():
@@ -61,10 +77,20 @@ class ForecastCollector(Collector):
                 labels = [child.ike_name, child.child_name, str(child.unique_id)]
                 for direction, name in DIRECTIONS.items():
                     t = counters[slot].by_direction[direction]
-                    packets.add_metric([*labels, name], t.packets)
-                    nbytes.add_metric([*labels, name], t.bytes)
-        yield packets
-        yield nbytes
+                    if per_sa:
+                        packets.add_metric([*labels, name], t.packets)
+                        nbytes.add_metric([*labels, name], t.bytes)
+                    total = sums.setdefault((child.ike_name, name), [0, 0])
+                    total[0] += t.packets
+                    total[1] += t.bytes
+        for (connection, name), (n_packets, n_bytes) in sorted(sums.items()):
+            conn_packets.add_metric([connection, name], n_packets)
+            conn_bytes.add_metric([connection, name], n_bytes)
+        if per_sa:
+            yield packets
+            yield nbytes
+        yield conn_packets
+        yield conn_bytes
 
         drops = CounterMetricFamily(
             "forecast_drops", "Packets not forwarded, by reason", labels=["reason"]

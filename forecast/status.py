@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from forecast import tc
 from forecast.layout import Direction
 from forecast.pinned import PinnedCounters, PinnedError
 
@@ -41,6 +41,8 @@ class Snapshot:
 
 def _filters_attached(state: dict[str, Any]) -> bool:
     """Are the data path's filters (as the state file names them) still on their devices?"""
+    from forecast import tc  # pyroute2 is slow to import; only needed when the daemon is gone
+
     filters = state.get("filters", {})
     return bool(filters) and all(
         tc.our_filter(int(f["ifindex"])) == f["name"] for f in filters.values()
@@ -65,8 +67,10 @@ def read(state_file: Path) -> Snapshot:
     try:
         sas = []
         totals = {k: {"packets": 0, "bytes": 0} for k in DIRECTION_KEYS.values()}
-        for slot, info in sorted(state["slots"].items(), key=lambda kv: int(kv[0])):
-            by_dir = counters.slot(int(slot))
+        slots = sorted(state["slots"].items(), key=lambda kv: int(kv[0]))
+        all_counters = counters.slots([int(slot) for slot, _info in slots])
+        for slot, info in slots:
+            by_dir = all_counters[int(slot)]
             entry = dict(info, slot=int(slot), counters={})
             for d, key in DIRECTION_KEYS.items():
                 packets, nbytes = by_dir[d]
@@ -133,36 +137,170 @@ def rates_between(
     return out
 
 
-def render_table(snap: Snapshot, rates: dict[str, dict[str, float]] | None = None) -> str:
-    w = 22 if rates is not None else 14
-    head = (
-        f"{'SLOT':>4}  {'CONN/CHILD':<12} {'ID':>4}  {'REMOTE':<18} {'VIRTUAL IP':<15} "
-        f"{'MARK':>6}  {'SPI IN/OUT':<17}  {'LAN>SA':>{w}}  {'SA>LAN':>{w}}  "
-        f"{'SA>SA':>{w}}"
+SORT_KEYS = ("slot", "id", "remote", "vip", "conn", *DIRECTION_KEYS.values())
+
+
+@dataclass(frozen=True)
+class View:
+    """Which SAs the table shows, in which order, on how much screen. JSON ignores the screen."""
+
+    sort: str = "slot"
+    top: int | None = None
+    match: str | None = None
+    width: int = 0  # 0: as wide as the rows need
+    height: int = 0  # 0: every row (--watch sets the terminal's height)
+
+
+def matches(sa: dict[str, Any], text: str) -> bool:
+    """--match: a unique id (exact), a virtual IP, a connection/child name or a remote id
+    (any part of it, case-insensitive)."""
+    if text.isdigit():
+        return str(sa["unique_id"]) == text
+    needle = text.lower()
+    hay = [*sa["virtual_ips"], sa["remote_id"], f"{sa['ike']}/{sa['child']}"]
+    return any(needle in str(h).lower() for h in hay)
+
+
+def _sort_key(key: str, rates: dict[str, dict[str, float]] | None) -> Any:
+    if key == "slot":
+        return lambda sa: sa["slot"]
+    if key == "id":
+        return lambda sa: sa["unique_id"]
+    if key == "remote":
+        return lambda sa: sa["remote_id"]
+    if key == "vip":
+        return lambda sa: [int(p) for v in sa["virtual_ips"][:1] for p in v.split(".")]
+    if key == "conn":
+        return lambda sa: (sa["ike"], sa["child"], sa["unique_id"])
+    # Counters: busiest first, by rate when there are rates (--watch), else by total.
+    r = rates or {}
+    return lambda sa: (
+        -r.get(str(sa["unique_id"]), {}).get(key, 0.0),
+        -sa["counters"][key]["packets"],
+        sa["slot"],
     )
-    lines = [head]
-    for sa in snap.sas:
+
+
+def select(
+    sas: list[dict[str, Any]], view: View, rates: dict[str, dict[str, float]] | None = None
+) -> list[dict[str, Any]]:
+    if view.sort not in SORT_KEYS:
+        raise ValueError(f"--sort {view.sort!r}: one of {', '.join(SORT_KEYS)}")
+    out = [sa for sa in sas if view.match is None or matches(sa, view.match)]
+    out.sort(key=_sort_key(view.sort, rates))
+    return out if view.top is None else out[: view.top]
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    width: int
+    keep: int  # the lower, the longer it stays when the terminal is narrow
+    right: bool = False
+
+
+def _columns(w: int) -> list[Column]:
+    return [
+        Column("SLOT", 5, 7, True),
+        Column("CONN/CHILD", 12, 5),
+        Column("ID", 6, 1, True),
+        Column("REMOTE", 18, 2),
+        Column("VIRTUAL IP", 15, 4),
+        Column("MARK", 7, 8, True),
+        Column("SPI IN/OUT", 17, 9),
+        Column("LAN>SA", w, 3, True),
+        Column("SA>LAN", w, 3, True),
+        Column("SA>SA", w, 6, True),
+    ]
+
+
+def _fit(columns: list[Column], width: int) -> list[Column]:
+    """Drop the least needed columns until the row fits; REMOTE then gives up characters."""
+    shown = list(columns)
+
+    def total(cols: list[Column]) -> int:
+        return sum(c.width for c in cols) + 2 * (len(cols) - 1)
+
+    while width and total(shown) > width and len(shown) > 3:
+        shown.remove(max(shown, key=lambda c: c.keep))
+    if width and total(shown) > width:
+        shown = [
+            Column(c.title, max(8, c.width - (total(shown) - width)), c.keep, c.right)
+            if c.title == "REMOTE"
+            else c
+            for c in shown
+        ]
+    return shown
+
+
+def _cells(sa: dict[str, Any], r: dict[str, float] | None) -> dict[str, str]:
+    return {
+        "SLOT": str(sa["slot"]),
+        "CONN/CHILD": sa["ike"] + "/" + sa["child"],
+        "ID": str(sa["unique_id"]),
+        "REMOTE": sa["remote_id"],
+        "VIRTUAL IP": (sa["virtual_ips"] or ["-"])[0],
+        "MARK": f"{sa['mark_in']:#x}",
+        "SPI IN/OUT": sa["spi_in"] + "/" + sa["spi_out"],
+        "LAN>SA": _cell(sa["counters"], "lan_to_sa", r),
+        "SA>LAN": _cell(sa["counters"], "sa_to_lan", r),
+        "SA>SA": _cell(sa["counters"], "sa_to_sa", r),
+    }
+
+
+def _row(columns: list[Column], cells: dict[str, str]) -> str:
+    out = []
+    for c in columns:
+        text = cells.get(c.title, "")[: c.width]
+        out.append(f"{text:>{c.width}}" if c.right else f"{text:<{c.width}}")
+    return "  ".join(out).rstrip()
+
+
+def render_table(
+    snap: Snapshot, rates: dict[str, dict[str, float]] | None = None, view: View | None = None
+) -> str:
+    view = view or View()
+    columns = _fit(_columns(22 if rates is not None else 14), view.width)
+    shown = select(snap.sas, view, rates)
+    footer = _footer(snap)
+    # The header, the totals row, a "not shown" line and the footer always fit; the rows get
+    # what is left.
+    room = max(1, view.height - 3 - len(footer)) if view.height else len(shown)
+    lines = [_row(columns, {c.title: c.title for c in columns})]
+    for sa in shown[:room]:
         # With rates: this SA's (none yet for a new SA); without: plain totals.
         r = None if rates is None else rates.get(str(sa["unique_id"]), {})
-        lines.append(
-            f"{sa['slot']:>4}  {(sa['ike'] + '/' + sa['child'])[:12]:<12} {sa['unique_id']:>4}  "
-            f"{sa['remote_id'][:18]:<18} {(sa['virtual_ips'] or ['-'])[0]:<15} "
-            f"{sa['mark_in']:>#6x}  {sa['spi_in'] + '/' + sa['spi_out']:<17}  "
-            + "  ".join(
-                f"{_cell(sa['counters'], k, r):>{w}}"
-                for k in ("lan_to_sa", "sa_to_lan", "sa_to_sa")
-            )
-        )
+        lines.append(_row(columns, _cells(sa, r)))
+    hidden = len(snap.sas) - min(len(shown), room)
     totals_rates = rates.get("total", {}) if rates is not None else None
+    t = snap.doc["totals"]
     lines.append(
-        f"{'':>4}  {'total':<12} {len(snap.sas):>4}  {'':<18} {'':<15} {'':>6}  {'':<17}  "
-        + "  ".join(
-            f"{_cell(snap.doc['totals'], k, totals_rates):>{w}}"
-            for k in ("lan_to_sa", "sa_to_lan", "sa_to_sa")
+        _row(
+            columns,
+            {
+                "CONN/CHILD": "total",
+                "ID": str(len(snap.sas)),
+                "REMOTE": "" if any(c.title == "CONN/CHILD" for c in columns) else "total",
+                **{
+                    title: _cell(t, key, totals_rates)
+                    for title, key in (
+                        ("LAN>SA", "lan_to_sa"),
+                        ("SA>LAN", "sa_to_lan"),
+                        ("SA>SA", "sa_to_sa"),
+                    )
+                },
+            },
         )
     )
+    if hidden:
+        lines.append(f"{hidden} of {len(snap.sas)} SAs not shown (--match, --sort, --top N)")
+    lines += footer
+    return "\n".join(line[: view.width] if view.width else line for line in lines)
+
+
+def _footer(snap: Snapshot) -> list[str]:
     drops = ", ".join(f"{k} {v}" for k, v in snap.doc["drops"].items() if v) or "none"
-    lines.append(f"drops: {drops}")
+    lines = [f"drops: {drops}"]
     daemon = snap.doc["daemon"]
     if daemon["running"]:
         lines.append(
@@ -175,15 +313,31 @@ def render_table(snap: Snapshot, rates: dict[str, dict[str, float]] | None = Non
             f"daemon DOWN (pid {daemon['pid']} is gone); the data path still forwards for "
             f"these {len(snap.sas)} SAs, frozen until a daemon is back"
         )
-    for uid, reason in snap.doc["ignored"].items():
+    ignored = list(snap.doc["ignored"].items())
+    for uid, reason in ignored[:5]:
         lines.append(f"ignored SA #{uid}: {reason}")
-    return "\n".join(lines)
+    if len(ignored) > 5:
+        lines.append(f"... and {len(ignored) - 5} more ignored SAs (`forecast-bpf check`)")
+    return lines
 
 
 CLEAR = "\x1b[H\x1b[2J"
 
 
-def watch(state_file: Path, interval: float, out: Any, iterations: int | None = None) -> int:
+def terminal_view(view: View | None = None, *, full_height: bool = True) -> View:
+    """`view` sized to the terminal (COLUMNS/LINES when set, as shutil reads them)."""
+    size = shutil.get_terminal_size((0, 0))
+    base = view or View()
+    return replace(base, width=size.columns, height=size.lines if full_height else 0)
+
+
+def watch(
+    state_file: Path,
+    interval: float,
+    out: Any,
+    iterations: int | None = None,
+    view: View | None = None,
+) -> int:
     """Refresh in place like top until interrupted; rates are per second since the last
     refresh. Returns 0 on Ctrl-C, 3 when the daemon goes away."""
     previous: Snapshot | None = None
@@ -200,9 +354,12 @@ def watch(state_file: Path, interval: float, out: Any, iterations: int | None = 
                 return 3
             rates = rates_between(previous, snap, now - last)
             stamp = time.strftime("%H:%M:%S")
+            screen = terminal_view(view)
+            # Two title lines above the table.
+            screen = replace(screen, height=max(0, screen.height - 2)) if screen.height else screen
             out.write(
                 f"{CLEAR}forecast-bpf status  {stamp}  every {interval:g} s  "
-                f"(Ctrl-C to quit)\n\n{render_table(snap, rates)}\n"
+                f"(Ctrl-C to quit)\n\n{render_table(snap, rates, screen)}\n"
             )
             out.flush()
             previous, last = snap, now

@@ -179,7 +179,10 @@ def test_reload_changes_groups_reinject_and_log_level(running: Running) -> None:
     text = running.cfg_path.read_text().replace("reinject: [rw]\n", "reinject: []\n")
     running.cfg_path.write_text(
         text + "groups: [224.0.0.251, 239.1.2.3]\nlog_level: debug\nmetrics_address: 127.0.0.1:1\n"
+        "metrics_per_sa: false\n"
     )
+    before = _scrape(running)
+    assert "forecast_sa_packets_total{" in before
     pid = running.proc.pid
     running.proc.send_signal(signal.SIGHUP)
     state = running.wait(
@@ -199,12 +202,25 @@ def test_reload_changes_groups_reinject_and_log_level(running: Running) -> None:
     running.wait("c2 gone", lambda s: len(s["slots"]) == 1)
     log = running.log.read_text()
     assert "groups now 224.0.0.251, 239.1.2.3 (joined 239.1.2.3, left 224.0.0.1" in log
+    # metrics_per_sa: false took effect in place: the per-connection sums stay.
+    after = _scrape(running)
+    assert "forecast_sa_packets_total{" not in after
+    assert 'forecast_connection_packets_total{connection="rw",direction="lan_to_sa"}' in after
     assert "reload: metrics_address changed; it takes effect at the next restart" in log
     assert "reload failed, the running configuration stays" in log
     assert "pyroute2" not in log and "nlmsg" not in log
     running.proc.send_signal(signal.SIGTERM)
     assert running.proc.wait(timeout=30) == 0
     assert "Traceback" not in running.log.read_text()
+
+
+def _scrape(running: Running) -> str:
+    """The exporter's page, from inside the gateway's namespace (the default address)."""
+    code = (
+        "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+        "'http://127.0.0.1:9719/metrics', timeout=10).read().decode())"
+    )
+    return netns.run([sys.executable, "-c", code], netns=running.gw, timeout=30).stdout
 
 
 def test_run_as_non_root_is_one_line(tmp_path: Path) -> None:

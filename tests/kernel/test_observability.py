@@ -129,6 +129,12 @@ def test_prometheus_scrapes_and_every_panel_returns_data(
         r'^forecast_sa_packets_total\{.*direction="lan_to_sa".*\} (\S+)$', exposition, re.M
     )
     assert [float(v) for v in lan_to_sa] == [30.0, 30.0], exposition
+    # The per-connection sum, kept when per-SA series are switched off.
+    assert re.search(
+        r'^forecast_connection_packets_total\{connection="rw",direction="lan_to_sa"\} 60\.0$',
+        exposition,
+        re.M,
+    ), exposition
     assert re.search(
         r'^forecast_build_info\{kernel=".+",version="0\.1\.0"\} 1\.0$', exposition, re.M
     )

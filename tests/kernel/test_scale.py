@@ -9,7 +9,10 @@ mark and takes it: an independent count per SA, next to our own per-slot counter
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -184,3 +187,64 @@ def test_every_entry_moving_at_every_update_still_one_copy_each(scale_gw: ScaleG
     assert flips >= 10, "the sender finished before the list changed often enough"
     assert not wrong, f"SAs with other than {packets} copies: {list(wrong.items())[:10]}"
     assert seen == {_entry(s).mark_out: packets for s in slots}
+
+
+def test_status_of_4096_sas_fits_sorts_and_filters(scale_gw: ScaleGateway, tmp_path: Path) -> None:
+    """`forecast-bpf status` against real pinned maps holding 4,096 SAs, as an operator runs
+    it; the wall time (interpreter start included) is printed, not asserted."""
+    dp, n = scale_gw.datapath, 4096
+    for slot in range(n):
+        dp.write_sa(slot, _entry(slot))
+    assert dp.sync_targets()
+    traffic.send(scale_gw.lan, GROUP, PORT, "st", 2, iface="eth0", interval=0.05)
+    scale_gw.wait_seen(2 * n)
+    state_file, cfg_path = tmp_path / "state.json", tmp_path / "forecast-bpf.yaml"
+    slots = {
+        str(s): {
+            "ike": "rw",
+            "child": "rw",
+            "unique_id": 1000 + s,
+            "ike_id": 1000 + s,
+            "remote_id": f"client{s:04d}@lab",
+            "remote_host": f"192.0.2.{s % 250 + 1}",
+            "virtual_ips": [f"10.{200 + s // 250}.{s % 250}.1"],
+            "remote_ts": ["224.0.0.0/4"],
+            "mark_in": _entry(s).mark_in,
+            "mark_out": _entry(s).mark_out,
+            "spi_in": f"{0xC0000000 + s:08x}",
+            "spi_out": f"{0xD0000000 + s:08x}",
+            "reinject": False,
+            "selectors": ["224.0.0.0/4"],
+        }
+        for s in range(n)
+    }
+    state = {"pid": os.getpid(), "maps_dir": str(dp.maps_dir), "filters": {}, "slots": slots}
+    state_file.write_text(json.dumps(state))
+    cfg_path.write_text(f"state_file: {state_file}\npin_dir: {dp.pin_dir}\n")
+
+    def status(*args: str, columns: int = 100) -> tuple[subprocess.CompletedProcess[str], float]:
+        env = {**os.environ, "COLUMNS": str(columns)}
+        t0 = time.monotonic()
+        argv = [sys.executable, "-m", "forecast", "status", "--config", str(cfg_path), *args]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+        return out, time.monotonic() - t0
+
+    table, seconds = status()
+    lines = table.stdout.splitlines()
+    assert all(len(line) <= 100 for line in lines)
+    assert len(lines) == 1 + n + 1 + 2  # header, every SA, totals, drops and daemon lines
+    assert lines[-3].split()[:3] == ["total", "4096", "8.2K/262KB"], lines[
+        -3
+    ]  # 2 x 4,096 copies of 32 bytes
+    doc, json_seconds = status("--json")
+    sas = json.loads(doc.stdout)["sas"]
+    assert len(sas) == n and all(sa["counters"]["lan_to_sa"]["packets"] == 2 for sa in sas)
+    one, _ = status("--match", "10.203.17.1", "--json")
+    picked = json.loads(one.stdout)
+    assert [sa["unique_id"] for sa in picked["sas"]] == [1000 + 3 * 250 + 17]
+    assert picked["selection"]["of"] == n
+    top, _ = status("--top", "5", "--sort", "id", columns=60)
+    rows = top.stdout.splitlines()
+    assert all(len(line) <= 60 for line in rows) and len(rows) == 1 + 5 + 1 + 1 + 2
+    print(f"\nstatus of {n} SAs: table {seconds:.2f} s, --json {json_seconds:.2f} s (wall)")

@@ -26,8 +26,10 @@ def test_full_file(tmp_path: Path) -> None:
         "vici_socket: /run/x.vici\n"
         "metrics_address: '[::1]:9100'\n"
         "log_level: debug\n"
+        "metrics_per_sa: false\n"
     )
     cfg = config.load(path)
+    assert cfg.metrics_per_sa is False
     assert cfg.interface == "eth1"
     assert cfg.groups == (IPv4Address("239.255.255.250"), IPv4Address("224.0.0.251"))
     assert cfg.reinject == {"rw"}
@@ -50,6 +52,7 @@ def test_full_file(tmp_path: Path) -> None:
         ("metrics_address: 9100\n", "metrics_address: expected HOST:PORT"),
         ("metrics_address: 'localhost:99999'\n", "metrics_address: port '99999'"),
         ("log_level: verbose\n", "log_level: 'verbose' is not one of"),
+        ("metrics_per_sa: no-thanks\n", "metrics_per_sa: expected true or false"),
         ("vici_socket: charon.vici\n", "vici_socket: expected an absolute path"),
         ("reinject: [1, 2]\n", "reinject: expected a list of CHILD_SA config names"),
         ("- a\n- b\n", "the top level must be a mapping"),
