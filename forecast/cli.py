@@ -52,6 +52,12 @@ def _if_id(text: str) -> int:
 def _add_lab_topology_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=_positive_clients, default=2, help="road warriors (2)")
     p.add_argument(
+        "--identities",
+        type=_positive,
+        default=1,
+        help="road-warrior identities (IKE_SAs, each with its own virtual IP) per client (1)",
+    )
+    p.add_argument(
         "--kernel",
         choices=["6.1", "6.12"],
         default=os.environ.get("FORECAST_LAB_KERNEL", "6.1"),

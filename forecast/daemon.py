@@ -69,6 +69,7 @@ class Health:
     sync_errors: int = 0
     started: float = field(default_factory=time.time)
     changes: dict[str, int] = field(default_factory=dict)  # kind → count, for churn
+    apply: metrics.ApplyTimes = field(default_factory=lambda: metrics.ApplyTimes())
 
 
 class Daemon:
@@ -425,7 +426,7 @@ class Daemon:
                 attempt = 0
                 self.health.last_event = time.time()
                 self._apply_changes(changes)
-                self.reconcile(from_kernel=True)
+                self._timed_reconcile("snapshot", from_kernel=True)
                 self.timings["snapshot"] = time.monotonic() - t_snapshot
                 if not ready_sent:
                     # Programs attached and the snapshot applied: now, and only now, ready.
@@ -470,10 +471,10 @@ class Daemon:
                         changes += self.table.load_snapshot(list_sas(self.cfg.vici_socket))
                         last_sync = now
                         self._apply_changes(changes)
-                        self.reconcile(from_kernel=True)
+                        self._timed_reconcile("resync", from_kernel=True)
                     elif changes:
                         self._apply_changes(changes)
-                        self.reconcile()
+                        self._timed_reconcile("event")
                     if changes:
                         self.notifier.status(self._status_line())
             except ViciUnavailable as exc:
@@ -492,6 +493,11 @@ class Daemon:
             finally:
                 if stream is not None:
                     stream.close()
+
+    def _timed_reconcile(self, trigger: str, *, from_kernel: bool = False) -> None:
+        t0 = time.monotonic()
+        self.reconcile(from_kernel=from_kernel)
+        self.health.apply.observe(trigger, time.monotonic() - t0)
 
     def _reload_if_asked(self) -> None:
         if self.reload_requested.is_set():

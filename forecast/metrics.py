@@ -15,10 +15,16 @@ from __future__ import annotations
 import platform
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from forecast import __version__, layout
@@ -33,6 +39,27 @@ DIRECTIONS = {
     Direction.SA_TO_SA: "sa_to_sa",
 }
 SA_LABELS = ["connection", "child", "unique_id"]
+
+
+APPLY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class ApplyTimes:
+    """How long applying SA changes to the kernel took: a histogram per trigger (an event
+    burst, the snapshot at (re)connect, the periodic resync)."""
+
+    buckets: dict[str, list[int]] = field(default_factory=dict)  # trigger → cumulative counts
+    sums: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def observe(self, trigger: str, seconds: float) -> None:
+        counts = self.buckets.setdefault(trigger, [0] * len(APPLY_BUCKETS))
+        for i, bound in enumerate(APPLY_BUCKETS):
+            if seconds <= bound:
+                counts[i] += 1
+        self.sums[trigger] = self.sums.get(trigger, 0.0) + seconds
+        self.counts[trigger] = self.counts.get(trigger, 0) + 1
 
 
 class ForecastCollector(Collector):
@@ -128,6 +155,21 @@ class ForecastCollector(Collector):
             "Failed attempts to apply rules, routes or map entries",
             value=h.sync_errors,
         )
+        apply = HistogramMetricFamily(
+            "forecast_apply_seconds",
+            "Time to bring the kernel (slots, lists, rules, routes) in step with the SA table, "
+            "by trigger: an event burst, the snapshot at (re)connect, the periodic resync",
+            labels=["trigger"],
+        )
+        times = h.apply
+        for trigger in sorted(times.buckets):
+            cumulative = [
+                (f"{bound:g}", n)
+                for bound, n in zip(APPLY_BUCKETS, times.buckets[trigger], strict=True)
+            ]
+            cumulative.append(("+Inf", times.counts[trigger]))
+            apply.add_metric([trigger], cumulative, times.sums[trigger])
+        yield apply
         changes = CounterMetricFamily(
             "forecast_sa_changes", "SA table changes, by kind", labels=["kind"]
         )

@@ -21,6 +21,7 @@ def lab_options(args: argparse.Namespace) -> LabOptions:
     mode = GatewayMode.REFERENCE_PLUGIN if args.reference_plugin else GatewayMode(args.gateway_mode)
     return LabOptions(
         clients=args.clients,
+        identities=args.identities,
         mode=mode,
         if_id=args.if_id,
         libipsec=args.libipsec,

@@ -56,8 +56,18 @@ def charon_plugins(*, gateway: bool, mode: GatewayMode, libipsec: bool) -> list[
     return [*BASE_PLUGINS, *kernel, "socket-default", "vici", *extra]
 
 
-def client_id(name: str) -> str:
-    return f"{name}@forecast.lab"
+def client_id(name: str, identity: int = 0) -> str:
+    """A road warrior's IKE identity; identity k (1..) of a host that holds several."""
+    return f"{name}-{identity}@forecast.lab" if identity else f"{name}@forecast.lab"
+
+
+def client_conn_name(identity: int = 0) -> str:
+    return f"{CLIENT_CONN}-{identity}" if identity else CLIENT_CONN
+
+
+def identity_numbers(identities: int) -> list[int]:
+    """[0] for a host with one identity (the plain names), else 1..identities."""
+    return [0] if identities == 1 else list(range(1, identities + 1))
 
 
 def gateway_conn(
@@ -106,31 +116,47 @@ def gateway_conn(
     return conns
 
 
+# Shared by every identity of a multi-identity host (see client_conn).
+SHARED_REQID = 1
+
+
 def client_conn(
-    *, name: str, gateway_addr: str, lan_net: str, lan_broadcast: str | None
+    *,
+    name: str,
+    gateway_addr: str,
+    lan_net: str,
+    lan_broadcast: str | None,
+    identities: int = 1,
 ) -> dict[str, Any]:
     """A road warrior. The client narrows the gateway's reply against its own local_ts, so the
     broadcast must be named here or its inbound policy drops the decrypted broadcast. None:
     left out, for libipsec, which rejects a non-local broadcast TS on the client
-    (docs/design.md, The lab)."""
+    (docs/design.md, The lab).
+
+    Several identities on one host: one connection each. Their SAs share the inbound
+    multicast policy (LAN → 224.0.0.0/4 is the same selector for all), and the kernel checks a
+    decrypted packet against that one policy's template reqid, so they share one fixed reqid;
+    with one reqid each, every identity but one would have its multicast dropped."""
     local_ts = ["dynamic", "224.0.0.0/4", *([lan_broadcast] if lan_broadcast else [])]
-    return {
-        CLIENT_CONN: {
+    out = {}
+    for k in identity_numbers(identities):
+        child: dict[str, Any] = {
+            "local_ts": local_ts,
+            "remote_ts": [lan_net, "224.0.0.0/4"],
+            "esp_proposals": [ESP_PROPOSAL],
+        }
+        if k:
+            child["reqid"] = str(SHARED_REQID)
+        out[client_conn_name(k)] = {
             "version": "2",
             "remote_addrs": [gateway_addr],
             "vips": ["0.0.0.0"],
             "proposals": [IKE_PROPOSAL],
-            "local": {"auth": "psk", "id": client_id(name)},
+            "local": {"auth": "psk", "id": client_id(name, k)},
             "remote": {"auth": "psk", "id": "gw@forecast.lab"},
-            "children": {
-                CLIENT_CHILD: {
-                    "local_ts": local_ts,
-                    "remote_ts": [lan_net, "224.0.0.0/4"],
-                    "esp_proposals": [ESP_PROPOSAL],
-                }
-            },
+            "children": {CLIENT_CHILD: child},
         }
-    }
+    return out
 
 
 def shared_secret() -> dict[str, Any]:

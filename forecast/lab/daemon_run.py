@@ -62,7 +62,7 @@ class LabDaemon:
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
         )
-        n = len(self.topo.clients)
+        n = len(self.topo.clients) * self.topo.identities
         self.wait_state(
             "every SA in the data path",
             lambda s: bool(s.get("vici_connected")) and len(s["slots"]) == n,
@@ -76,7 +76,7 @@ class LabDaemon:
             return {}
 
     def wait_state(
-        self, what: str, pred: Callable[[dict[str, Any]], bool], seconds: float = 120
+        self, what: str, pred: Callable[[dict[str, Any]], bool], seconds: float = 300
     ) -> dict[str, Any]:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:

@@ -25,6 +25,7 @@ DEFAULT_IF_ID = 42
 @dataclass
 class LabOptions:
     clients: int = 2
+    identities: int = 1  # road-warrior identities (IKE_SAs) per client host
     mode: GatewayMode = GatewayMode.SEED
     if_id: int = DEFAULT_IF_ID
     # User-space ESP (kernel-libipsec) for kernels without ESP, e.g. this machine's kernel tier.
@@ -40,7 +41,7 @@ class Lab:
         self.options = options
         self.log = log or sys.stderr
         self.topology = Topology.plan(
-            options.prefix or netns.unique_prefix("fclab"), options.clients
+            options.prefix or netns.unique_prefix("fclab"), options.clients, options.identities
         )
         self.workdir = Path(tempfile.mkdtemp(prefix=f"forecast-{self.topology.prefix}-"))
         self.charons: dict[str, CharonInstance] = {}
@@ -101,6 +102,7 @@ class Lab:
                     gateway_addr=topo.gateway.wan_addr,
                     lan_net=topo.lan_net,
                     lan_broadcast=None if opts.libipsec else topo.lan_broadcast,
+                    identities=topo.identities,
                 ),
                 secrets=[conns.shared_secret()],
             )
@@ -128,24 +130,36 @@ class Lab:
             pools=conns.pool(topo.vip_pool),
         )
 
-    def connect(self, client: str) -> None:
-        self.charons[client].initiate(ike=conns.CLIENT_CONN, child=conns.CLIENT_CHILD)
+    def connect(self, client: str, identity: int | None = None) -> None:
+        """Bring up `client`'s tunnel (one identity, or every identity it holds)."""
+        ks = conns.identity_numbers(self.topology.identities) if identity is None else [identity]
+        for k in ks:
+            self.charons[client].initiate(ike=conns.client_conn_name(k), child=conns.CLIENT_CHILD)
         self.topology.host(client).virtual_ip = self.virtual_ip(client)
 
     def connect_all(self) -> None:
         t0 = time.monotonic()
+        pairs = [
+            (c.name, k)
+            for k in conns.identity_numbers(self.topology.identities)
+            for c in self.topology.clients
+        ]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(self.connect, [c.name for c in self.topology.clients]))
+            list(pool.map(lambda pair: self.connect(*pair), pairs))
         self.timings["connect_s"] = time.monotonic() - t0
-        vips = ", ".join(f"{c.name}={c.virtual_ip}" for c in self.topology.clients)
+        if self.topology.identities == 1:
+            vips = ", ".join(f"{c.name}={c.virtual_ip}" for c in self.topology.clients)
+        else:
+            vips = f"{len(pairs)} identities on {len(self.topology.clients)} hosts"
         self._say(f"tunnels up in {self.timings['connect_s']:.1f} s: {vips}")
 
     def rekey_child(self, client: str) -> None:
         """The client rekeys its CHILD_SA (new SPIs, same mark)."""
         self.charons[client].command("rekey", {"child": conns.CLIENT_CHILD})
 
-    def disconnect(self, client: str) -> None:
-        self.charons[client].command("terminate", {"ike": conns.CLIENT_CONN, "timeout": 5000})
+    def disconnect(self, client: str, identity: int = 0) -> None:
+        ike = conns.client_conn_name(identity)
+        self.charons[client].command("terminate", {"ike": ike, "timeout": 5000})
 
     def virtual_ip(self, client: str) -> str:
         for child in ipsec_state.child_sas(str(self.charons[client].vici_socket)):

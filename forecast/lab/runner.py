@@ -56,6 +56,8 @@ def guest_command(sub: str, opts: LabOptions, extra: list[str]) -> list[str]:
         "--here",
         "--clients",
         str(opts.clients),
+        "--identities",
+        str(opts.identities),
         "--gateway-mode",
         opts.mode.value,
         "--if-id",

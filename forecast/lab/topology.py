@@ -4,6 +4,10 @@
     c2 ─┼─ br0 (switch netns) ┘
     cN ─┘   clients: eth0 192.168.0.(100+i); virtual IPs from the gateway's pool 10.1.0.128/25
 
+A client host may hold several road-warrior identities (`identities`), each its own IKE_SA
+with its own virtual IP: 20 hosts x 50 identities give 1,000 real SAs without 1,000 charons.
+Labs of more than 120 identities draw virtual IPs from 10.1.16.0/20 instead.
+
 Everything lives in namespaces named <prefix>-<host>; the prefix is unique per run.
 """
 
@@ -22,7 +26,10 @@ LAN_BROADCAST = "10.1.255.255"
 GW_LAN_ADDR = "10.1.0.1"
 LAN_HOST_ADDR = "10.1.0.10"
 VIP_POOL = "10.1.0.128/25"
+LARGE_VIP_POOL = "10.1.16.0/20"
 MAX_CLIENTS = 100
+MAX_IDENTITIES = 100  # per client host
+MAX_SAS = 4000  # what LARGE_VIP_POOL holds
 
 
 @dataclass
@@ -48,12 +55,19 @@ class Topology:
     lan_broadcast: str = LAN_BROADCAST
     vip_pool: str = VIP_POOL
     extra: dict[str, str] = field(default_factory=dict)
+    identities: int = 1  # road-warrior identities (IKE_SAs) per client host
 
     @classmethod
-    def plan(cls, prefix: str, clients: int) -> Topology:
+    def plan(cls, prefix: str, clients: int, identities: int = 1) -> Topology:
         if not 1 <= clients <= MAX_CLIENTS:
             raise ValueError(f"clients must be 1..{MAX_CLIENTS}, got {clients}")
+        if not 1 <= identities <= MAX_IDENTITIES:
+            raise ValueError(f"identities must be 1..{MAX_IDENTITIES}, got {identities}")
+        if clients * identities > MAX_SAS:
+            raise ValueError(f"{clients} x {identities} identities: at most {MAX_SAS} in all")
         return cls(
+            identities=identities,
+            vip_pool=VIP_POOL if clients * identities <= 120 else LARGE_VIP_POOL,
             prefix=prefix,
             gateway=Host("gw", f"{prefix}-gw", GW_WAN_ADDR, GW_LAN_ADDR),
             lan_host=Host("lan", f"{prefix}-lan", lan_addr=LAN_HOST_ADDR),
@@ -163,6 +177,7 @@ class Topology:
             lan_broadcast=data["lan_broadcast"],
             vip_pool=data["vip_pool"],
             extra=data.get("extra", {}),
+            identities=int(data.get("identities", 1)),
         )
 
     @classmethod
@@ -179,6 +194,7 @@ class Topology:
             "FORECAST_LAB_GW_LAN_IF": self.gw_lan_if,
             "FORECAST_LAB_LAN_NET": self.lan_net,
             "FORECAST_LAB_LAN_BROADCAST": self.lan_broadcast,
+            "FORECAST_LAB_IDENTITIES": str(self.identities),
             **{f"FORECAST_LAB_{k.upper()}": v for k, v in self.extra.items()},
         }
         for host in (self.gateway, self.lan_host, *self.clients):

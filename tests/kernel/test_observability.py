@@ -139,6 +139,11 @@ def test_prometheus_scrapes_and_every_panel_returns_data(
         r'^forecast_build_info\{kernel=".+",version="0\.1\.0"\} 1\.0$', exposition, re.M
     )
     assert "forecast_vici_connected 1.0" in exposition
+    # Apply times: at least the start-up snapshot and the two connects' event bursts.
+    assert re.search(r'^forecast_apply_seconds_count\{trigger="snapshot"\} [1-9]', exposition, re.M)
+    assert re.search(
+        r'^forecast_apply_seconds_bucket\{le="\+Inf",trigger="event"\} ', exposition, re.M
+    )
     assert "remote_ts" not in exposition and "224.0.0.0" not in exposition  # low cardinality
 
     # Several scrapes with traffic in between, so rates have two samples to work with.

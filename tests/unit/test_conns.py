@@ -79,3 +79,27 @@ def test_client_names_the_broadcast_unless_told_not_to() -> None:
     ]
     assert without["gw"]["children"]["gw"]["local_ts"] == ["dynamic", "224.0.0.0/4"]
     assert without["gw"]["local"]["id"] == "c2@forecast.lab"
+
+
+def test_a_host_with_many_identities_has_one_connection_each_and_one_reqid() -> None:
+    out = conns.client_conn(
+        name="c4",
+        gateway_addr="192.168.0.1",
+        lan_net="10.1.0.0/16",
+        lan_broadcast="10.1.255.255",
+        identities=3,
+    )
+    assert sorted(out) == ["gw-1", "gw-2", "gw-3"]
+    assert [out[f"gw-{k}"]["local"]["id"] for k in (1, 2, 3)] == [
+        "c4-1@forecast.lab",
+        "c4-2@forecast.lab",
+        "c4-3@forecast.lab",
+    ]
+    # One inbound multicast policy serves them all: its template's reqid must fit each SA.
+    reqids = {c["children"]["gw"]["reqid"] for c in out.values()}
+    assert reqids == {str(conns.SHARED_REQID)}
+    assert all(c["vips"] == ["0.0.0.0"] for c in out.values())
+    single = conns.client_conn(
+        name="c1", gateway_addr="192.168.0.1", lan_net="10.1.0.0/16", lan_broadcast=None
+    )
+    assert list(single) == ["gw"] and "reqid" not in single["gw"]["children"]["gw"]

@@ -39,3 +39,16 @@ def test_json_round_trip_and_environment() -> None:
 def test_unknown_host_is_a_clear_error() -> None:
     with pytest.raises(KeyError, match="no lab host named 'c9'"):
         Topology.plan("fcz", 2).host("c9")
+
+
+def test_identities_widen_the_pool_and_are_bounded() -> None:
+    small = Topology.plan("fcx", 20, 6)
+    assert small.vip_pool == "10.1.0.128/25" and small.identities == 6
+    big = Topology.plan("fcx", 20, 50)
+    assert big.vip_pool == "10.1.16.0/20"
+    assert Topology.from_json(big.to_json()).identities == 50
+    assert big.environment(Path("/tmp/t.json"))["FORECAST_LAB_IDENTITIES"] == "50"
+    with pytest.raises(ValueError, match="identities must be"):
+        Topology.plan("fcx", 2, 101)
+    with pytest.raises(ValueError, match="at most 4000"):
+        Topology.plan("fcx", 100, 41)
