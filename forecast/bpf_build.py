@@ -9,6 +9,7 @@ types (docs/design.md).
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import platform
 import re
@@ -38,11 +39,18 @@ def bpf_dir() -> Path:
 
 
 def bcc_version() -> str:
-    try:
-        from bcc import __version__ as version
-    except ImportError:
+    """Read from bcc's version.py, not by importing bcc: that loads libbcc and LLVM (about
+    60 MB) into a process that only wants to know which build it runs."""
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or not spec.submodule_search_locations:
         return "no-bcc"
-    return str(version)
+    for location in spec.submodule_search_locations:
+        version = Path(location) / "version.py"
+        if version.exists():
+            m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)['\"]", version.read_text())
+            if m:
+                return m.group(1)
+    return "unknown"
 
 
 def _version_key(path: str) -> list[int]:
@@ -110,6 +118,13 @@ def ensure_bpffs(root: Path) -> bool:
     return True
 
 
+def use_kernel_headers() -> None:
+    """Point bcc at a header tree for this kernel (BCC_KERNEL_SOURCE), when it needs one."""
+    headers = kernel_source()
+    if headers is not None:
+        os.environ["BCC_KERNEL_SOURCE"] = str(headers)
+
+
 def compile_programs(
     source: str, functions: tuple[str, ...], pin_dir: Path, chain_pin: Path
 ) -> tuple[Any, dict[str, int]]:
@@ -121,9 +136,7 @@ def compile_programs(
     src = bpf_src / source
     if not src.exists():
         raise BuildError(f"BPF source {src} is missing")
-    headers = kernel_source()
-    if headers is not None:
-        os.environ["BCC_KERNEL_SOURCE"] = str(headers)
+    use_kernel_headers()
     cflags = [
         f"-I{bpf_src}",
         f'-DFC_PIN_DIR="{pin_dir}"',

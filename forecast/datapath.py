@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import multiprocessing
 import os
 import platform
 import shutil
@@ -26,6 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any
 
 from forecast import bpf_build, layout
 from forecast.layout import Direction, DropReason
@@ -192,27 +194,7 @@ class Datapath:
         self.pin_dir.mkdir(parents=True, exist_ok=True)
         self.fresh_maps = not self.maps_dir.exists()
         if self.fresh_maps or not all(pin.exists() for pin in self._pins()):
-            self.maps_dir.mkdir(exist_ok=True)
-            for role, (source, entry, walker) in PROGRAMS.items():
-                for pin in (self._prog_pin(role), self._chain_pin(role)):
-                    pin.unlink(missing_ok=True)  # a half-made build: start it again
-                bpf, fds = bpf_build.compile_programs(
-                    source, (entry, walker), self.maps_dir, self._chain_pin(role)
-                )
-                try:
-                    chain = PinnedMap(self._chain_pin(role))
-                    try:
-                        chain.update(0, ctypes.c_uint32(fds[walker]))
-                    finally:
-                        chain.close()
-                    obj_pin(fds[entry], self._prog_pin(role))
-                    self.verified = {
-                        **self.verified,
-                        entry: prog_info(fds[entry]).verified_insns,
-                        walker: prog_info(fds[walker]).verified_insns,
-                    }
-                finally:
-                    bpf.cleanup()  # the pins (and later the tc filter) keep the programs
+            self.verified = _compile_in_child(self.pin_dir)
             self.compiled = True
         for role in PROGRAMS:
             self.fds[role] = obj_get(self._prog_pin(role))
@@ -222,6 +204,29 @@ class Datapath:
         self._counters = PinnedCounters(self.maps["counters"], self.maps["drops"])
         self.targets = TargetLists(self.maps["targets"], self.maps["list_len"], self.maps["gen"])
         self.targets.read()
+
+    def compile_and_pin(self) -> dict[str, int]:
+        """Compile both programs and their walkers here, pin them with their maps; returns
+        verifier instructions per program."""
+        verified: dict[str, int] = {}
+        self.maps_dir.mkdir(parents=True, exist_ok=True)
+        for role, (source, entry, walker) in PROGRAMS.items():
+            for pin in (self._prog_pin(role), self._chain_pin(role)):
+                pin.unlink(missing_ok=True)  # a half-made build: start it again
+            bpf, fds = bpf_build.compile_programs(
+                source, (entry, walker), self.maps_dir, self._chain_pin(role)
+            )
+            try:
+                chain = PinnedMap(self._chain_pin(role))
+                try:
+                    chain.update(0, ctypes.c_uint32(fds[walker]))
+                finally:
+                    chain.close()
+                obj_pin(fds[entry], self._prog_pin(role))
+                verified |= {name: prog_info(fd).verified_insns for name, fd in fds.items()}
+            finally:
+                bpf.cleanup()  # the pins (and later the tc filter) keep the programs
+        return verified
 
     def prune(self) -> list[Path]:
         """Unpin the programs and maps of other builds (unused once our filters are in place);
@@ -323,6 +328,38 @@ class Datapath:
         """A deliberate stop: close, then unpin every program and map of every build."""
         self.close()
         remove_pins(self.pin_dir)
+
+
+def _compile_in_child(pin_dir: Path) -> dict[str, int]:
+    """Compile and pin in a child process: bcc maps LLVM (about 130 MB) into whoever compiles,
+    and the daemon should not carry that for the rest of its life. The child pins; the caller
+    adopts the pins. A fresh interpreter (spawn), so no thread or lock of ours is copied."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_compile_child, args=(str(pin_dir), send), name="fc-compile")
+    proc.start()
+    send.close()
+    try:
+        result: object = receive.recv()
+    except EOFError:  # the child died before it could answer
+        result = None
+    finally:
+        receive.close()
+        proc.join()
+    if isinstance(result, dict):
+        return result
+    raise bpf_build.BuildError(
+        str(result) if result is not None else f"the compiler process exited {proc.exitcode}"
+    )
+
+
+def _compile_child(pin_dir: str, send: Any) -> None:
+    try:
+        send.send(Datapath(Path(pin_dir)).compile_and_pin())
+    except Exception as exc:  # the message crosses back; the parent raises BuildError with it
+        send.send(str(exc))
+    finally:
+        send.close()
 
 
 def _unpin(path: Path) -> None:

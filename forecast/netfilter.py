@@ -115,7 +115,9 @@ class Rules:
         """Make our chains hold `rules` in one commit; hook them in at the top once.
         `known`: what the chains hold now, when certain; then only the difference is sent."""
         rules = list(rules)
-        if known is not None and self.hooked():
+        # The jumps are checked at start and at every resync (_read_back), not per event: each
+        # check is a process that reads the whole ruleset.
+        if known is not None:
             delta = render_delta(known, rules)
             if delta is not None:
                 _run([self.backend.restore, "-w", "--noflush"], self.netns, delta)

@@ -48,7 +48,9 @@ import sys
 sys.path.insert(0, "/{lib_dir}")
 from forecast.cli import main
 
-sys.exit(main())
+# Guarded: the BPF compile runs in a spawned child that imports this file as a module.
+if __name__ == "__main__":
+    sys.exit(main())
 """
 
 POSTINST = """\

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from bcc import BPF
 
-from forecast import layout, tc
+from forecast import bpf_build, layout, tc
 from forecast.datapath import Datapath, DatapathConfig, SaEntry
 from forecast.lab import netns, traffic
 from forecast.layout import Direction
@@ -85,6 +85,7 @@ def scale_gw(run_prefix: str, tmp_path: Path) -> Iterator[ScaleGateway]:
             )
         )
         tc.attach(netns.ifindex(gw, "lan0"), datapath.fds["lan"], "fc_lan_ingress", netns=gw)
+        bpf_build.use_kernel_headers()
         witness = BPF(src_file=str(WITNESS).encode(), cflags=["-Wno-everything"])
         fn = witness.load_func(b"witness", BPF.SCHED_CLS)
         tc.attach(netns.ifindex(gw, "xf0"), fn.fd, "witness", netns=gw, parent=tc.EGRESS)

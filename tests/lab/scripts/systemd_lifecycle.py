@@ -136,6 +136,9 @@ def kernel_state() -> dict[str, Any]:
     }
 
 
+ROLES = ("lan", "tunnel")
+
+
 def state_is_live(step: str) -> None:
     """The kernel holds exactly the live SAs: same VIPs in slots, rules, routes; one build's
     filters on both devices and only that build's pins."""
@@ -149,7 +152,10 @@ def state_is_live(step: str) -> None:
         and all(len(names) == 1 for names in k["filters"].values())
         and len(builds) == 1
         and len(maps) == 1
-        and sorted(k["pins"]) == sorted([*maps, f"prog-{build}-lan", f"prog-{build}-tunnel"])
+        and sorted(k["pins"])
+        == sorted(
+            [*maps, *(f"{kind}-{build}-{role}" for kind in ("prog", "chain") for role in ROLES)]
+        )
     )
     report(f"{step}: the kernel holds exactly the live SAs", ok, {"live": want, **k})
 
