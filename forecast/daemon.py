@@ -272,7 +272,9 @@ class Daemon:
                 self.rules.apply(d.rules, known=self.rules_applied)
                 self.rules_applied = list(d.rules)
             if self.routes_applied is None or set(d.routes) != self.routes_applied:
-                added, removed = links.sync_routes(d.routes, self.xfrm.index)
+                added, removed = links.sync_routes(
+                    d.routes, self.xfrm.index, known=self.routes_applied
+                )
                 for net in sorted(added, key=str):
                     log.info("route %s via %s", net, self.xfrm.name)
                 for net in sorted(removed, key=str):

@@ -178,13 +178,20 @@ def our_routes(netns: str | None = None) -> set[IPv4Network]:
 
 
 def sync_routes(
-    wanted: Iterable[IPv4Network], xfrm_index: int, netns: str | None = None
+    wanted: Iterable[IPv4Network],
+    xfrm_index: int,
+    netns: str | None = None,
+    *,
+    known: set[IPv4Network] | None = None,
 ) -> tuple[set[IPv4Network], set[IPv4Network]]:
-    """Make our routes exactly `wanted` (all through the XFRM interface); (added, removed)."""
+    """Make our routes exactly `wanted` (all through the XFRM interface); (added, removed).
+    `known`: the routes in place, when certain (then only the difference is written; else the
+    kernel's are read and every wanted route is replaced, repairing any that changed)."""
     want = set(wanted)
-    have = our_routes(netns)
+    have = our_routes(netns) if known is None else set(known)
+    write = want if known is None else want - have
     with _ipr(netns) as ipr:
-        for net in sorted(want, key=str):
+        for net in sorted(write, key=str):
             ipr.route(
                 "replace",
                 dst=str(net.network_address),
