@@ -63,6 +63,20 @@ class ExitMode(enum.Enum):
 
 
 @dataclass
+class LostCopies:
+    """TX errors of the XFRM interface: copies handed over by the data path that never left."""
+
+    baseline: int | None = None  # what the interface had when this daemon first looked
+    seen: int = 0
+    checked: float = -1e9
+    warned: float = -1e9
+
+    @property
+    def count(self) -> int:
+        return self.seen - self.baseline if self.baseline is not None else 0
+
+
+@dataclass
 class Health:
     vici_connected: bool = False
     last_event: float | None = None
@@ -105,6 +119,7 @@ class Daemon:
         self.metrics_server: Any = None
         self.reload_requested = threading.Event()
         self.timings: dict[str, float] = {}  # start-up phases, for the READY log line
+        self.lost = LostCopies()
 
     # -- set-up -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -392,6 +407,7 @@ class Daemon:
             "updated": time.time(),
             "vici_connected": self.health.vici_connected,
             "sync_errors": self.health.sync_errors,
+            "lost_after_datapath": self.lost.count,
             "ignored": {str(k): v for k, v in self.last_desired.ignored.items()},
             "slots": slots,
         }
@@ -453,6 +469,7 @@ class Daemon:
                     now = time.monotonic()
                     self.notifier.tick(now)
                     self._reload_if_asked()
+                    self._watch_lost_copies(now)
                     if label is not None:
                         self.health.last_event = time.time()
                         if not pending:
@@ -495,6 +512,32 @@ class Daemon:
             finally:
                 if stream is not None:
                     stream.close()
+
+    def _watch_lost_copies(self, now: float) -> None:
+        """Copies the data path counted as sent but the kernel could not transmit show up as
+        TX errors of the XFRM interface: count them, and say so (at most once a minute) with
+        what to do. Read at most once a second."""
+        if self.xfrm is None or now - self.lost.checked < 1.0:
+            return
+        self.lost.checked = now
+        try:
+            errors = links.tx_errors(self.xfrm.index)
+        except (OSError, RuntimeError):
+            return
+        if self.lost.baseline is None:
+            self.lost.baseline = self.lost.seen = errors  # the interface's, before this daemon
+        if errors > self.lost.seen and now - self.lost.warned >= 60:
+            log.warning(
+                "%d copies lost after the data path since start (TX errors on %s): a queue "
+                "after encryption overflowed or no policy matched; at %d SAs, "
+                "net.core.netdev_max_backlog and the WAN device's txqueuelen should be at "
+                "least twice that (docs/design.md, Lost after the data path)",
+                errors - self.lost.baseline,
+                self.xfrm.name,
+                len(self.last_desired.slots),
+            )
+            self.lost.warned = now
+        self.lost.seen = errors
 
     def _timed_reconcile(self, trigger: str, *, from_kernel: bool = False) -> None:
         t0 = time.monotonic()

@@ -18,6 +18,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -94,6 +95,15 @@ def find_lan(
     return candidates[0]
 
 
+def tx_errors(index: int, netns: str | None = None) -> int:
+    """A device's TX errors. On the XFRM interface these are copies the data path handed over
+    that did not leave: no policy or state matched, or a queue after encryption was full."""
+    with _ipr(netns) as ipr:
+        links = ipr.get_links(index)
+    stats = links[0].get_attr("IFLA_STATS64") if links else None
+    return int(stats["tx_errors"]) if stats else 0
+
+
 def default_route_device(netns: str | None = None) -> str:
     with _ipr(netns) as ipr:
         for route in ipr.get_default_routes(family=socket.AF_INET):
@@ -142,6 +152,10 @@ def ensure_xfrm(name: str, if_id: int, dev: str, netns: str | None = None) -> Xf
                 f"{exc.args[1] if len(exc.args) > 1 else exc}"
             ) from None
         index = ipr.link_lookup(ifname=name)[0]
+        # IPv4 only: no IPv6 link-local chatter (MLD, router solicitations) that has no policy
+        # and would count as TX errors, which are how lost copies show (metrics, status).
+        with contextlib.suppress(OSError):
+            Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
         ipr.link("set", index=index, ifalias=ALIAS, state="up")
         return XfrmInterface(name, index, True)
 
@@ -168,10 +182,14 @@ def remove_xfrm(xfrm: XfrmInterface, netns: str | None = None) -> None:
 
 
 def our_routes(netns: str | None = None) -> set[IPv4Network]:
+    return set(_our_routes_by_oif(netns))
+
+
+def _our_routes_by_oif(netns: str | None = None) -> dict[IPv4Network, int]:
     with _ipr(netns) as ipr:
         routes = ipr.get_routes(family=socket.AF_INET, proto=RTPROT_FORECAST)
     return {
-        IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}")
+        IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}"): int(r.get_attr("RTA_OIF") or 0)
         for r in routes
         if r["proto"] == RTPROT_FORECAST
     }
@@ -185,11 +203,17 @@ def sync_routes(
     known: set[IPv4Network] | None = None,
 ) -> tuple[set[IPv4Network], set[IPv4Network]]:
     """Make our routes exactly `wanted` (all through the XFRM interface); (added, removed).
-    `known`: the routes in place, when certain (then only the difference is written; else the
-    kernel's are read and every wanted route is replaced, repairing any that changed)."""
+    `known`: the routes in place, when certain; else the kernel's are read, and a route of ours
+    through another device is rewritten. Either way only what differs is written: at thousands
+    of SAs, one netlink call per route and event would cost seconds."""
     want = set(wanted)
-    have = our_routes(netns) if known is None else set(known)
-    write = want if known is None else want - have
+    if known is None:
+        kernel = _our_routes_by_oif(netns)
+        have = set(kernel)
+        write = {net for net in want if kernel.get(net) != xfrm_index}
+    else:
+        have = set(known)
+        write = want - have
     with _ipr(netns) as ipr:
         for net in sorted(write, key=str):
             ipr.route(

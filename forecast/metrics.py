@@ -129,6 +129,12 @@ class ForecastCollector(Collector):
             for reason in DropReason:
                 drops.add_metric([reason.name.lower()], 0)
         yield drops
+        yield CounterMetricFamily(
+            "forecast_lost_after_datapath",
+            "Copies handed to the XFRM interface that it could not send (its TX errors since "
+            "the daemon started): a full queue after encryption or no matching policy",
+            value=d.lost.count,
+        )
 
         h = d.health
         yield GaugeMetricFamily(

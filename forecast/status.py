@@ -94,6 +94,9 @@ def read(state_file: Path) -> Snapshot:
             "sas": sas,
             "totals": totals,
             "drops": drops,
+            # Copies the data path handed over that the kernel could not send (XFRM interface
+            # TX errors since the daemon started): queues after encryption, missing policies.
+            "lost_after_datapath": int(state.get("lost_after_datapath", 0)),
             "ignored": state.get("ignored", {}),
         }
     )
@@ -301,6 +304,12 @@ def render_table(
 def _footer(snap: Snapshot) -> list[str]:
     drops = ", ".join(f"{k} {v}" for k, v in snap.doc["drops"].items() if v) or "none"
     lines = [f"drops: {drops}"]
+    lost = snap.doc.get("lost_after_datapath", 0)
+    if lost:
+        lines.append(
+            f"lost after the data path: {lost} copies (TX errors on the XFRM interface: a full "
+            "queue after encryption or no policy; see the daemon's log)"
+        )
     daemon = snap.doc["daemon"]
     if daemon["running"]:
         lines.append(
