@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from typing import Any
 from forecast import bpf_build, config, desired, links, metrics, netfilter, tc
 from forecast.config import Config
 from forecast.datapath import Datapath, DatapathConfig, SaEntry, remove_pins
+from forecast.layout import FC_MAX_SAS
 from forecast.sa import Change, PayloadError, SaTable
 from forecast.systemd import Notifier, listen_fds, process_age
 from forecast.vici_source import BACKOFF_S, EventStream, ViciUnavailable, list_sas
@@ -40,6 +41,28 @@ BATCH_S = 0.5  # events waiting back to back are applied together, for at most t
 RELOADABLE = ("groups", "reinject", "log_level", "metrics_per_sa")
 GROUPS_FD = "groups"  # FDNAME of the membership socket in systemd's store
 log = logging.getLogger("forecast-bpf")
+
+
+@lru_cache(maxsize=2 * FC_MAX_SAS)
+def _slot_doc(state: desired.SlotState) -> dict[str, Any]:
+    """What `status` shows of a slot (cached: the same SA gives the same document)."""
+    c = state.children[0]
+    return {
+        "ike": c.ike_name,
+        "child": c.child_name,
+        "unique_id": c.unique_id,
+        "ike_id": c.ike_id,
+        "remote_id": c.remote_id,
+        "remote_host": str(c.remote_host) if c.remote_host else None,
+        "virtual_ips": [str(v) for v in c.remote_vips],
+        "remote_ts": [str(t) for t in c.remote_ts],
+        "mark_in": c.mark_in,
+        "mark_out": c.mark_out,
+        "spi_in": f"{c.spi_in:08x}",
+        "spi_out": f"{c.spi_out:08x}",
+        "reinject": state.entry.reinject,
+        "selectors": [str(t) for t in state.entry.selectors],
+    }
 
 
 def read_state_file(path: Path) -> dict[str, Any]:
@@ -372,25 +395,7 @@ class Daemon:
     def write_state(self) -> None:
         """Which SA each slot holds, for `status` (counters come from the pinned maps), and what
         the next daemon needs to take over (groups held, a bpffs mount to undo at stop)."""
-        slots = {}
-        for slot, state in self.last_desired.slots.items():
-            c = state.children[0]
-            slots[str(slot)] = {
-                "ike": c.ike_name,
-                "child": c.child_name,
-                "unique_id": c.unique_id,
-                "ike_id": c.ike_id,
-                "remote_id": c.remote_id,
-                "remote_host": str(c.remote_host) if c.remote_host else None,
-                "virtual_ips": [str(v) for v in c.remote_vips],
-                "remote_ts": [str(t) for t in c.remote_ts],
-                "mark_in": c.mark_in,
-                "mark_out": c.mark_out,
-                "spi_in": f"{c.spi_in:08x}",
-                "spi_out": f"{c.spi_out:08x}",
-                "reinject": state.entry.reinject,
-                "selectors": [str(t) for t in state.entry.selectors],
-            }
+        slots = {str(slot): _slot_doc(state) for slot, state in self.last_desired.slots.items()}
         dp = self.datapath
         doc = {
             "pid": os.getpid(),

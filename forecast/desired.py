@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
+from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
 
 from forecast import layout
@@ -15,6 +16,7 @@ from forecast.datapath import SaEntry
 from forecast.sa import ChildSa
 
 MULTICAST = IPv4Network("224.0.0.0/4")
+CACHE_SIZE = 2 * layout.FC_MAX_SAS  # two children per slot while a rekey settles
 LIMITED_BROADCAST = IPv4Address("255.255.255.255")
 
 
@@ -57,7 +59,10 @@ def forwards_to(ts: IPv4Network, lan_broadcast: IPv4Address | None) -> bool:
     )
 
 
-def unicast_selectors(child: ChildSa, lan_broadcast: IPv4Address | None) -> list[IPv4Network]:
+# The per-child derivations below are cached: at thousands of SAs an event recomputes the
+# desired state of all of them, and all but the changed ones give the same answer.
+@lru_cache(maxsize=CACHE_SIZE)
+def unicast_selectors(child: ChildSa, lan_broadcast: IPv4Address | None) -> tuple[IPv4Network, ...]:
     """Remote selectors that get MARK rules and routes: not multicast, not a broadcast /32,
     never /0 (the plugin shifts by 32 there: undefined; here it would capture everything)."""
     out = []
@@ -67,7 +72,15 @@ def unicast_selectors(child: ChildSa, lan_broadcast: IPv4Address | None) -> list
         if ts.prefixlen == 32 and ts.network_address in (LIMITED_BROADCAST, lan_broadcast):
             continue
         out.append(ts)
-    return out
+    return tuple(out)
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def forwarded_selectors(
+    child: ChildSa, lan_broadcast: IPv4Address | None
+) -> tuple[IPv4Network, ...]:
+    """Remote selectors a multicast or broadcast copy can be sent into."""
+    return tuple(ts for ts in child.remote_ts if forwards_to(ts, lan_broadcast))
 
 
 def why_ignored(child: ChildSa, cfg: Config) -> str | None:
@@ -106,11 +119,13 @@ def assign_slots(
     return out, left_out
 
 
+@lru_cache(maxsize=CACHE_SIZE)
 def _comment(child: ChildSa) -> str:
     safe = "".join(c for c in child.remote_id if c.isalnum() or c in "@.-_")[:40]
     return f"forecast-bpf {child.ike_name}/{child.child_name} #{child.unique_id} {safe}"
 
 
+@lru_cache(maxsize=CACHE_SIZE)
 def _inbound_rule(child: ChildSa) -> MarkRule | None:
     if child.remote_host is None or child.local_host is None:
         return None
@@ -134,6 +149,17 @@ def _inbound_rule(child: ChildSa) -> MarkRule | None:
     else:
         match = ("-s", peer, "-d", local, "-p", "esp", "-m", "esp", "--espspi", str(child.spi_in))
     return MarkRule("PREROUTING", match, child.mark_in, _comment(child))
+
+
+@lru_cache(maxsize=CACHE_SIZE)
+def _unicast_rules(child: ChildSa, lan_broadcast: IPv4Address | None) -> tuple[MarkRule, ...]:
+    """Traffic to the client's unicast selectors gets its outbound mark, whether forwarded
+    (PREROUTING) or from the gateway itself (OUTPUT)."""
+    return tuple(
+        MarkRule(hook, ("-d", str(ts)), child.mark_out, _comment(child))
+        for ts in unicast_selectors(child, lan_broadcast)
+        for hook in ("PREROUTING", "OUTPUT")
+    )
 
 
 def compute(
@@ -160,6 +186,7 @@ def compute(
     else:
         desired.waiting = left_out
     seen_rules: set[tuple[str, tuple[str, ...]]] = set()
+    routed: set[IPv4Network] = set()
 
     def add_rule(rule: MarkRule | None) -> None:
         if rule and (rule.chain, rule.match) not in seen_rules:
@@ -173,14 +200,15 @@ def compute(
         for child in group:
             add_rule(_inbound_rule(child))
         if current.retire_at is None:
+            for rule in _unicast_rules(current, lan_broadcast):
+                add_rule(rule)
             for ts in unicast_selectors(current, lan_broadcast):
-                for hook in ("PREROUTING", "OUTPUT"):
-                    add_rule(MarkRule(hook, ("-d", str(ts)), current.mark_out, _comment(current)))
-                if ts not in desired.routes:
+                if ts not in routed:
+                    routed.add(ts)
                     desired.routes.append(ts)
         if mark not in slots:
             continue
-        selectors = [ts for ts in current.remote_ts if forwards_to(ts, lan_broadcast)]
+        selectors = list(forwarded_selectors(current, lan_broadcast))
         if len(selectors) > layout.FC_MAX_TS:
             desired.warnings.append(
                 f"{current.label}: {len(selectors)} multicast/broadcast "

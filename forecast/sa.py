@@ -115,6 +115,16 @@ class ChildSa:
     # When set: rekeyed, kept until this monotonic time for its in-flight packets.
     retire_at: float | None = None
 
+    def __hash__(self) -> int:
+        # Computed once: desired.py caches per child, and hashing every field (selectors,
+        # addresses) at every event costs more than the work it saves at thousands of SAs.
+        # A subset of the fields keeps "equal children hash equal".
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.unique_id, self.spi_in, self.spi_out, self.mark_in, self.retire_at))
+            object.__setattr__(self, "_hash", cached)
+        return int(cached)
+
     @property
     def marked(self) -> bool:
         """Handled by forecast-bpf, as by the plugin: both marks set (`mark = %unique`)."""

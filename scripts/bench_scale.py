@@ -1,0 +1,147 @@
+"""The data path's cost per copy by table size, on this machine's kernel (root, namespaces).
+
+For each size N: N SAs in the maps and the LAN list, the LAN host sends PACKETS multicast
+packets, and the kernel's own run-time accounting (BPF_ENABLE_STATS, held only while measuring)
+gives the LAN program's time per packet, walker tail calls and clones included. Each copy is
+taken at the stand-in XFRM interface's egress by a counting program (no ESP on this kernel: the
+encryption a real copy costs is not in these numbers). Also the time to fill the table and
+publish its list, and one list update (an SA leaving and coming back) at that size.
+
+    python3 scripts/bench_scale.py [--sizes 8,64,1000,4096,8448] [--packets 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from forecast import bpf_build, layout, tc
+from forecast.datapath import Datapath, DatapathConfig, SaEntry
+from forecast.lab import netns, traffic
+from forecast.pinned import _libbpf, prog_info
+
+WITNESS = Path(__file__).resolve().parents[1] / "tests" / "kernel" / "bpf" / "witness.bpf.c"
+GROUP, PORT = "224.0.0.251", 5353
+BPF_STATS_RUN_TIME = 0
+
+
+def enable_stats() -> int:
+    lib = _libbpf()
+    lib.bpf_enable_stats.argtypes = [ctypes.c_int]
+    fd = int(lib.bpf_enable_stats(BPF_STATS_RUN_TIME))
+    if fd < 0:
+        raise RuntimeError("BPF_ENABLE_STATS failed (kernel 5.8+ and root needed)")
+    return fd
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=f"8,64,1000,4096,{layout.FC_MAX_SAS}")
+    parser.add_argument("--packets", type=int, default=200)
+    args = parser.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    prefix = netns.unique_prefix("fcb")
+    gw, lan = f"{prefix}-g", f"{prefix}-l"
+    work = Path(tempfile.mkdtemp(prefix="fc-bench-"))
+    pins = work / "bpffs"
+    pins.mkdir()
+    netns.create(gw)
+    netns.create(lan)
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(pins)], check=True)
+    dp = Datapath(pins / "forecast")
+    try:
+        netns.add_veth("lan0", gw, "eth0", lan)
+        netns.add_veth("xf0", gw, "xfpeer", gw)
+        for ns, dev, cidr in ((gw, "lan0", "10.7.0.1/16"), (lan, "eth0", "10.7.0.2/16")):
+            netns.run(["ip", "addr", "add", cidr, "dev", dev], netns=ns)
+            netns.run(["ip", "link", "set", dev, "up"], netns=ns)
+        netns.run(["sysctl", "-qw", "net.ipv6.conf.xf0.disable_ipv6=1"], netns=gw)
+        netns.run(["ip", "link", "set", "xf0", "up"], netns=gw)
+        t0 = time.monotonic()
+        dp.load()
+        load_s = time.monotonic() - t0
+        dp.write_config(
+            DatapathConfig(
+                xfrm_ifindex=netns.ifindex(gw, "xf0"),
+                lan_ifindex=netns.ifindex(gw, "lan0"),
+                lan_mac=bytes.fromhex("02fc00000003"),
+                lan_broadcast=None,
+                groups=(IPv4Address(GROUP),),
+            )
+        )
+        tc.attach(netns.ifindex(gw, "lan0"), dp.fds["lan"], "fc_lan_ingress", netns=gw)
+        from bcc import BPF  # only for the counting program: the product never imports bcc
+
+        bpf_build.use_kernel_headers()
+        witness = BPF(src_file=str(WITNESS).encode(), cflags=["-Wno-everything"])
+        fn = witness.load_func(b"witness", BPF.SCHED_CLS)
+        tc.attach(netns.ifindex(gw, "xf0"), fn.fd, "witness", netns=gw, parent=tc.EGRESS)
+        seen = witness[b"seen"]
+        print(f"compile + load of both programs and walkers (child process): {load_s:.2f} s")
+        print(f"verifier instructions: {dp.verified}")
+        print(
+            f"{'SAs':>6} {'fill':>8} {'publish':>8} {'update':>8} {'ns/packet':>11} "
+            f"{'ns/copy':>8} {'copies':>9}"
+        )
+        mc = (IPv4Network("224.0.0.0/4"),)
+        written: set[int] = set()
+        for n in sizes:
+            t0 = time.monotonic()
+            for slot in range(n):
+                if slot not in written:
+                    dp.write_sa(slot, SaEntry(0x10000 + slot, 0x10000 + slot, mc))
+                    written.add(slot)
+            for slot in sorted(written - set(range(n))):
+                dp.write_sa(slot, None)
+                written.discard(slot)
+            fill_s = time.monotonic() - t0
+            entries = {slot: SaEntry(0x10000 + slot, 0x10000 + slot, mc) for slot in range(n)}
+            t0 = time.monotonic()
+            dp.publish_targets(entries)
+            publish_s = time.monotonic() - t0
+            middle = n // 2
+            t0 = time.monotonic()
+            dp.publish_targets({s: e for s, e in entries.items() if s != middle})
+            dp.publish_targets(entries)
+            update_s = (time.monotonic() - t0) / 2
+            seen.clear()
+            stats = enable_stats()
+            try:
+                before = prog_info(dp.fds["lan"])
+                traffic.send(lan, GROUP, PORT, "bench", args.packets, iface="eth0", interval=0.002)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    copies = sum(int(v.value) for v in seen.values())
+                    if copies >= n * args.packets:
+                        break
+                    time.sleep(0.05)
+                after = prog_info(dp.fds["lan"])
+            finally:
+                os.close(stats)
+            runs = after.run_cnt - before.run_cnt
+            ns = after.run_time_ns - before.run_time_ns
+            copies = sum(int(v.value) for v in seen.values())
+            print(
+                f"{n:>6} {fill_s * 1000:>6.0f}ms {publish_s * 1000:>6.1f}ms "
+                f"{update_s * 1000:>6.1f}ms {ns / max(runs, 1):>11.0f} "
+                f"{ns / max(copies, 1):>8.0f} {copies:>9}"
+            )
+    finally:
+        dp.remove()
+        netns.delete(gw)
+        netns.delete(lan)
+        subprocess.run(["umount", str(pins)], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
