@@ -48,6 +48,8 @@ class Desired:
     # marks that got no slot only because the free ones are still being cleared: the next
     # reconcile (at once) gives them one
     waiting: list[int] = field(default_factory=list)
+    # marks of SAs the full table has no slot for (the newest beyond FC_MAX_SAS)
+    left_out: list[int] = field(default_factory=list)
 
 
 def forwards_to(ts: IPv4Network, lan_broadcast: IPv4Address | None) -> bool:
@@ -179,6 +181,7 @@ def compute(
             by_mark.setdefault(child.mark_in, []).append(child)
     slots, left_out = assign_slots(sorted(by_mark), previous_slots, busy_slots)
     if len(by_mark) > layout.FC_MAX_SAS:
+        desired.left_out = left_out
         for mark in left_out:
             desired.warnings.append(
                 f"SA table full ({layout.FC_MAX_SAS} SAs): mark {mark:#x} gets no forwarding"

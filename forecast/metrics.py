@@ -147,6 +147,11 @@ class ForecastCollector(Collector):
             "forecast_sa_table_capacity", "SA slots the data path has", value=layout.FC_MAX_SAS
         )
         yield GaugeMetricFamily(
+            "forecast_sas_left_out",
+            "SAs that get no forwarding because the SA table is full",
+            value=len(d.last_desired.left_out),
+        )
+        yield GaugeMetricFamily(
             "forecast_ignored_sas",
             "CHILD_SAs left alone (no mark or another if_id)",
             value=len(d.last_desired.ignored),

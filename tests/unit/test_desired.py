@@ -90,6 +90,17 @@ def test_slots_are_stable_and_capacity_is_reported() -> None:
     assert len(slots) == layout.FC_MAX_SAS and left == marks[-2:]
 
 
+def test_a_full_table_reports_who_is_left_out(fixtures_dir: Path) -> None:
+    child = _children(fixtures_dir, "002")[0]
+    many = [
+        replace(child, unique_id=i, mark_in=i, mark_out=i) for i in range(1, layout.FC_MAX_SAS + 3)
+    ]
+    d = desired.compute(many, CFG, BCAST, {})
+    assert len(d.slots) == layout.FC_MAX_SAS
+    assert d.left_out == [layout.FC_MAX_SAS + 1, layout.FC_MAX_SAS + 2] and not d.waiting
+    assert len([w for w in d.warnings if "SA table full" in w]) == 2
+
+
 def test_a_slot_being_cleared_is_not_given_away_in_the_same_step() -> None:
     # Mark 5 leaves slot 0, mark 8 arrives: it must not land in slot 0 while packets may
     # still walk a list that names slot 0 as mark 5's.
