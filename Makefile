@@ -29,7 +29,7 @@ test-kernel: venv
 	$(PYTEST) -m kernel tests/kernel
 
 test-lab: venv
-	FORECAST_LAB_KERNEL=$(KERNEL) $(PYTEST) -m lab tests/lab
+	FORECAST_LAB_KERNEL=$(KERNEL) $(PYTEST) -m lab --durations=0 tests/lab
 
 lint: venv
 	$(VENV)/bin/ruff check forecast tests

@@ -8,6 +8,13 @@ encryption a real copy costs is not in these numbers). Also the time to fill the
 publish its list, and one list update (an SA leaving and coming back) at that size.
 
     python3 scripts/bench_scale.py [--sizes 8,64,1000,4096,8448] [--packets 200]
+                                   [--control-plane HOSTSxIDENTITIES, e.g. 10x100]
+
+--control-plane also runs the daemon against that many real SAs (real charons with user-space
+ESP on this kernel, a veth standing in for the XFRM interface, as the kernel-tier tests do):
+time from process start to READY with every SA applied, the latency of single SA events
+(terminate or initiate at a client until the daemon's state file shows the change; p50/p99), a
+reconnect storm (every identity down, then up), and the daemon's memory.
 """
 
 from __future__ import annotations
@@ -43,10 +50,138 @@ def enable_stats() -> int:
     return fd
 
 
+def control_plane(hosts: int, identities: int, events: int) -> None:
+    import json
+    import signal
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    from forecast.lab import conns, ipsec_state
+    from forecast.lab.conns import GatewayMode
+    from forecast.lab.lab import Lab, LabOptions
+
+    n = hosts * identities
+    work = Path(tempfile.mkdtemp(prefix="fc-bench-cp-"))
+    bpffs = work / "bpffs"
+    bpffs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    opts = LabOptions(
+        clients=hosts,
+        identities=identities,
+        libipsec=True,
+        mode=GatewayMode.FORECAST_BPF,
+        prefix=netns.unique_prefix("fcbc"),
+    )
+    lab = Lab(opts, log=open(os.devnull, "w"))  # noqa: SIM115 (closed with the process)
+    proc = None
+    try:
+        t0 = time.monotonic()
+        lab.up()
+        print(f"\ncontrol plane: {n} real SAs up in {time.monotonic() - t0:.1f} s (libipsec)")
+        gw = lab.topology.gateway.netns
+        netns.add_veth("xfs0", gw, "xfs0p", gw)
+        for dev in ("xfs0", "xfs0p"):
+            netns.run(["ip", "link", "set", dev, "up"], netns=gw)
+        state = work / "state.json"
+        cfg = work / "forecast-bpf.yaml"
+        cfg.write_text(
+            f"interface: eth1\nxfrm: {{name: xfs0, if_id: {opts.if_id}}}\n"
+            f"vici_socket: {lab.topology.gateway.vici_socket}\npin_dir: {bpffs / 'fc'}\n"
+            f"state_file: {state}\nmetrics_per_sa: false\n"
+        )
+        log = work / "daemon.log"
+        helper = Path(__file__).resolve().parents[1] / "tests" / "kernel" / "standin_daemon.py"
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", gw, sys.executable, str(helper), str(cfg), "xfs0"],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+
+        def slots() -> dict[str, object]:
+            try:
+                doc = json.loads(state.read_text())
+            except (OSError, ValueError):
+                return {}
+            return {v["remote_id"]: v["unique_id"] for v in doc["slots"].values()}
+
+        def wait(pred: object, limit: float = 300.0) -> float:
+            t = time.monotonic()
+            while not pred() and time.monotonic() - t < limit:  # type: ignore[operator]
+                time.sleep(0.005)
+            return time.monotonic() - t
+
+        wait(lambda: len(slots()) == n)
+        ready = [ln for ln in log.read_text().splitlines() if "ready:" in ln]
+        print(f"  start: {ready[-1].split('ready: ', 1)[-1] if ready else 'no READY line'}")
+        lat_down, lat_up = [], []
+        host = lab.topology.clients[0]
+        for k in conns.identity_numbers(identities)[:events]:
+            rid = conns.client_id(host.name, k)
+            ike = conns.client_conn_name(k)
+            ipsec_state.command(host.vici_socket, "terminate", {"ike": ike, "timeout": 5000})
+            lat_down.append(wait(lambda rid=rid: rid not in slots(), 30))
+            ipsec_state.command(
+                host.vici_socket, "initiate", {"ike": ike, "child": "gw", "timeout": 15000}
+            )
+            lat_up.append(wait(lambda rid=rid: rid in slots(), 30))
+
+        def q(xs: list[float]) -> str:
+            xs = sorted(xs)
+            p99 = xs[min(len(xs) - 1, int(0.99 * len(xs)))]
+            return f"p50 {statistics.median(xs) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms"
+
+        print(f"  {len(lat_down)} SA events at {n} SAs, VICI event to state applied:")
+        print(f"    down: {q(lat_down)}; up: {q(lat_up)}")
+        pairs = [(c, k) for c in lab.topology.clients for k in conns.identity_numbers(identities)]
+
+        failures = 0
+
+        def every(action: str) -> float:
+            def one(pair: tuple[object, int]) -> None:
+                nonlocal failures
+                c, k = pair
+                args: dict[str, object] = {"ike": conns.client_conn_name(k), "timeout": 15000}
+                if action == "initiate":
+                    args["child"] = "gw"
+                for _attempt in range(3):  # an exchange can time out in a storm: again
+                    try:
+                        ipsec_state.command(c.vici_socket, action, args)  # type: ignore[attr-defined]
+                        return
+                    except Exception:
+                        failures += 1
+
+            t = time.monotonic()
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                list(pool.map(one, pairs))
+            return time.monotonic() - t
+
+        down = every("terminate")
+        empty = wait(lambda: not slots())
+        up = every("initiate")
+        full = wait(lambda: len(slots()) == n)
+        print(
+            f"  storm: {n} terminated in {down:.1f} s, daemon empty {empty:.2f} s later; "
+            f"{n} initiated in {up:.1f} s, daemon full {full:.2f} s later "
+            f"({failures} VICI commands repeated)"
+        )
+        rss = subprocess.run(
+            ["ps", "-o", "rss=", "-p", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
+        print(f"  daemon RSS: {int(rss[0]) / 1024:.0f} MB" if rss else "  daemon RSS: ?")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        lab.down()
+        subprocess.run(["umount", str(bpffs)], check=False)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=f"8,64,1000,4096,{layout.FC_MAX_SAS}")
     parser.add_argument("--packets", type=int, default=200)
+    parser.add_argument("--control-plane", metavar="HxM", help="e.g. 10x100: 1,000 real SAs")
+    parser.add_argument("--events", type=int, default=30, help="single SA events to time")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     prefix = netns.unique_prefix("fcb")
@@ -140,6 +275,9 @@ def main() -> int:
         netns.delete(gw)
         netns.delete(lan)
         subprocess.run(["umount", str(pins)], check=False)
+    if args.control_plane:
+        hosts, identities = (int(x) for x in args.control_plane.lower().split("x"))
+        control_plane(hosts, identities, args.events)
     return 0
 
 
