@@ -8,7 +8,7 @@ SETUP    := $(CURDIR)/scripts/setup.sh
 KERNEL   ?= 6.1
 CLIENTS  ?= 2
 
-.PHONY: setup venv test test-unit test-kernel test-lab lint demo deb docs-images clean
+.PHONY: setup venv test test-unit test-kernel test-lab lint demo deb docs-images bench-scale clean
 
 setup:
 	@bash $(SETUP)
@@ -43,6 +43,14 @@ deb: venv
 
 demo: setup
 	$(VENV)/bin/forecast-bpf lab demo --clients $(CLIENTS) --kernel $(KERNEL)
+
+# Scale figures (docs/design.md, Scale): cost per copy by table size and the daemon against
+# 1,000 real SAs on this kernel; verifier cost per chunk size here and on both lab kernels.
+bench-scale: setup
+	$(PY) scripts/bench_scale.py --control-plane 10x100
+	$(PY) scripts/verifier_cost.py 64 256 512 576
+	$(VENV)/bin/forecast-bpf lab run --kernel 6.1 --clients 1 scripts/verifier_cost.py 64 256 512
+	$(VENV)/bin/forecast-bpf lab run --kernel 6.12 --clients 1 scripts/verifier_cost.py 64 256 512
 
 # The README's pictures, from a real run: the observability tests capture the tmux screen and
 # Prometheus' range data, then scripts/render_docs.py draws them (Debian's matplotlib).

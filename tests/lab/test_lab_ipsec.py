@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from forecast import layout
 from tests.lab.conftest import LabRunner
 
 COUNT = 20  # checks.DEFAULT_COUNT packets per sender
@@ -113,3 +114,15 @@ def test_operator_lab_run_boots_its_own_vm(tmp_path: Path) -> None:
     assert "clients=c1 kernel=" in proc.stdout
     assert "10.1.0.1/16" in proc.stdout  # ran in the gateway's namespace
     assert re.search(r"lab: .*(running directly|booting the lab kernel)", proc.stderr)
+
+
+def test_programs_verify_on_kernel_6_12(lab_612: LabRunner) -> None:
+    """Both programs and their walkers, as shipped, pass 6.12's verifier (6.1 runs them in the
+    daemon scenarios); the instruction counts are printed for docs/design.md."""
+    script = Path(__file__).resolve().parents[2] / "scripts" / "verifier_cost.py"
+    run = lab_612.lab("run", "--clients", "1", str(script), str(layout.FC_CHUNK), timeout=600)
+    print(run.output[-2000:])
+    assert run.rc == 0, run.output
+    lines = [ln for ln in run.output.splitlines() if ln.strip().startswith(str(layout.FC_CHUNK))]
+    assert len(lines) == 2 and not any("rejected" in ln for ln in lines), run.output
+    assert all(f"capacity {layout.FC_MAX_SAS:>6}" in ln for ln in lines)
