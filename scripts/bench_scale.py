@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -52,7 +53,6 @@ def enable_stats() -> int:
 
 def control_plane(hosts: int, identities: int, events: int) -> None:
     import json
-    import signal
     import statistics
     from concurrent.futures import ThreadPoolExecutor
 
@@ -183,6 +183,8 @@ def main() -> int:
     parser.add_argument("--control-plane", metavar="HxM", help="e.g. 10x100: 1,000 real SAs")
     parser.add_argument("--events", type=int, default=30, help="single SA events to time")
     args = parser.parse_args()
+    # A timeout's SIGTERM must still run the clean-ups below (namespaces, mounts, charons).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sizes = [int(x) for x in args.sizes.split(",")]
     prefix = netns.unique_prefix("fcb")
     gw, lan = f"{prefix}-g", f"{prefix}-l"
