@@ -313,10 +313,18 @@ class Daemon:
                 added, removed = links.sync_routes(
                     d.routes, self.xfrm.index, known=self.routes_applied
                 )
-                for net in sorted(added, key=str):
-                    log.info("route %s via %s", net, self.xfrm.name)
-                for net in sorted(removed, key=str):
-                    log.info("route %s removed", net)
+                if len(added) + len(removed) > 10:  # a start, a storm: one line, not thousands
+                    log.info(
+                        "routes via %s: %d added, %d removed",
+                        self.xfrm.name,
+                        len(added),
+                        len(removed),
+                    )
+                else:
+                    for net in sorted(added, key=str):
+                        log.info("route %s via %s", net, self.xfrm.name)
+                    for net in sorted(removed, key=str):
+                        log.info("route %s removed", net)
                 self.routes_applied = set(d.routes)
         except (netfilter.NetfilterError, links.LinkError, OSError, RuntimeError) as exc:
             self.health.sync_errors += 1
@@ -542,7 +550,10 @@ class Daemon:
                 len(self.last_desired.slots),
             )
             self.lost.warned = now
+        changed = errors != self.lost.seen
         self.lost.seen = errors
+        if changed:
+            self.write_state()  # `status` shows the count without waiting for an SA event
 
     def _timed_reconcile(self, trigger: str, *, from_kernel: bool = False) -> None:
         t0 = time.monotonic()
