@@ -8,7 +8,7 @@ SETUP    := $(CURDIR)/scripts/setup.sh
 KERNEL   ?= 6.1
 CLIENTS  ?= 2
 
-.PHONY: setup venv test test-unit test-kernel test-lab lint demo deb docs-images bench-scale clean
+.PHONY: setup venv test test-unit test-kernel test-lab lint demo deb docs-images bench bench-scale clean
 
 setup:
 	@bash $(SETUP)
@@ -43,6 +43,11 @@ deb: venv
 
 demo: setup
 	$(VENV)/bin/forecast-bpf lab demo --clients $(CLIENTS) --kernel $(KERNEL)
+
+# forecast-bpf against strongSwan's forecast plugin in the lab, one VM boot, about 12 minutes:
+# build/bench/report.md with plots (BENCHMARKS.md explains the method and shows a full run).
+bench: setup
+	$(VENV)/bin/forecast-bpf lab bench --kernel $(KERNEL) --out $(CURDIR)/build/bench
 
 # Scale figures (docs/design.md, Scale): cost per copy by table size and the daemon against
 # 1,000 real SAs on this kernel; verifier cost per chunk size here and on both lab kernels.

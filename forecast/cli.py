@@ -49,6 +49,24 @@ def _if_id(text: str) -> int:
     return value
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 2,8,32, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _forwarders(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = set(names) - {"plugin", "forecast-bpf"}
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"forwarders are plugin and forecast-bpf, got {text!r}")
+    return names
+
+
 def _add_lab_topology_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", type=_positive_clients, default=2, help="road warriors (2)")
     p.add_argument(
@@ -162,6 +180,37 @@ def build_parser() -> argparse.ArgumentParser:
     run_in.add_argument("--lab", metavar="PREFIX", help="which lab (default: the only one up)")
     run_in.add_argument("argv", nargs=argparse.REMAINDER, metavar="CMD")
     lab_sub.add_parser("probe", help="can this kernel run the lab directly?")
+    bench = lab_sub.add_parser(
+        "bench",
+        help="strongSwan's forecast plugin and forecast-bpf under the same load; writes a report",
+        description="Boots the lab once and measures both forwarders with the same traffic: "
+        "stepped LAN multicast rates per client count and payload, a plain-ESP baseline, "
+        "CHILD_SA up to first copy, daemon start. Writes report.md, plots and the raw records "
+        "to --out. Exit codes: 0 measured, 1 a run failed, 2 bad arguments.",
+    )
+    bench.add_argument(
+        "--kernel",
+        choices=["6.1", "6.12"],
+        default=os.environ.get("FORECAST_LAB_KERNEL", "6.1"),
+        help="lab VM kernel line (6.1)",
+    )
+    bench.add_argument("--clients", type=_int_list, default=(2, 8, 32), help="2,8,32")
+    bench.add_argument("--payloads", type=_int_list, default=(64, 1000), help="UDP bytes: 64,1000")
+    bench.add_argument("--rates", type=_int_list, default=(), help="fixed LAN packets/s steps")
+    bench.add_argument("--connects", type=_positive, default=30, help="connects timed (30)")
+    bench.add_argument("--step-seconds", type=float, default=2.0, help="seconds per step (2)")
+    bench.add_argument("--refine", type=int, default=2, help="bisections at the knee (2)")
+    bench.add_argument(
+        "--forwarders",
+        type=_forwarders,
+        default=("plugin", "forecast-bpf"),
+        help="plugin,forecast-bpf",
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="2 clients, 64 B, three rates (the lab tier's run)"
+    )
+    bench.add_argument("--out", default="build/bench", help="report directory (build/bench)")
+    bench.add_argument("--here", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 

@@ -18,6 +18,7 @@ from forecast.lab.topology import Host, Topology
 SSDP_GROUP = "239.255.255.250"
 SSDP_PORT = 1900
 DEFAULT_COUNT = 20
+_STARTED = time.monotonic()
 
 
 @dataclass
@@ -25,6 +26,8 @@ class CheckResult:
     name: str
     ok: bool
     detail: dict[str, Any] = field(default_factory=dict)
+    # Seconds since the scenario started: where a slow scenario spends its time.
+    at_s: float = field(default_factory=lambda: round(time.monotonic() - _STARTED, 1))
 
     def line(self) -> str:
         return f"{'PASS' if self.ok else 'FAIL'}  {self.name}  {self.detail}"

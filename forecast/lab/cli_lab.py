@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from forecast.lab import capability, runner
 from forecast.lab.conns import GatewayMode
 from forecast.lab.lab import LabOptions
+from forecast.lab.topology import MAX_CLIENTS
 from forecast.lab.vm import LabVMError
 
 
@@ -29,6 +31,26 @@ def lab_options(args: argparse.Namespace) -> LabOptions:
     )
 
 
+def _bench(args: argparse.Namespace) -> int:
+    if args.quick:
+        plan = runner.QUICK_BENCH
+    else:
+        plan = runner.BenchPlan(
+            clients=tuple(sorted(args.clients)),
+            payloads=args.payloads,
+            rates=args.rates,
+            connects=args.connects,
+            step_seconds=args.step_seconds,
+            refine=args.refine,
+            forwarders=args.forwarders,
+        )
+    if max(plan.clients) > MAX_CLIENTS:
+        return _fail(f"--clients: at most {MAX_CLIENTS}")
+    if args.here:
+        return runner.bench_here(plan)
+    return runner.bench(plan, kernel=args.kernel, out_dir=Path(args.out))
+
+
 def dispatch(args: argparse.Namespace) -> int:
     if os.geteuid() != 0 and args.lab_command != "probe":
         return _fail("the lab needs root (network namespaces, charon, qemu)")
@@ -47,6 +69,8 @@ def dispatch(args: argparse.Namespace) -> int:
             return runner.shell(args.prefix)
         if args.lab_command == "exec":
             return runner.execute(args.lab, args.argv)
+        if args.lab_command == "bench":
+            return _bench(args)
         opts = lab_options(args)
         unknown = opts.no_broadcast - {f"c{i}" for i in range(1, opts.clients + 1)}
         if unknown:

@@ -54,18 +54,25 @@ class LabDaemon:
             check=False,
         )
 
-    def start(self) -> float:
-        """Start and wait until every SA of the lab is in the data path; returns seconds."""
+    def start(self, expect: int | None = None) -> float:
+        """Start and wait until every SA of the lab (or `expect` SAs) is in the data path;
+        returns seconds."""
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "forecast", "run", "--config", str(self.config)],
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
         )
-        n = len(self.topo.clients) * self.topo.identities
+        n = len(self.topo.clients) * self.topo.identities if expect is None else expect
+        # Ready by its own log, not by the state file alone: a daemon that took over from
+        # another finds that one's state file already complete.
         self.wait_state(
             "every SA in the data path",
-            lambda s: bool(s.get("vici_connected")) and len(s["slots"]) == n,
+            lambda s: (
+                bool(s.get("vici_connected"))
+                and len(s["slots"]) == n
+                and "ready:" in self.log_tail(100_000)
+            ),
         )
         return time.monotonic() - t0
 
@@ -100,6 +107,15 @@ class LabDaemon:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text()[-chars:] if self.log.exists() else ""
+
+    def handover(self) -> int:
+        """SIGUSR2: the daemon exits and leaves the data path forwarding for the next one."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGUSR2)
+        rc = self.proc.wait(timeout=60)
+        if rc != 0:
+            raise RuntimeError(f"hand-over exit {rc}; daemon log:\n{self.log_tail()}")
+        return rc
 
     def stop(self) -> dict[str, Any]:
         """SIGTERM and wait; returns what is left of the daemon's state (all falsy: clean)."""

@@ -207,8 +207,9 @@ class Lab:
 
     # -- teardown ---------------------------------------------------------------------------
     def down(self) -> None:
-        for charon in self.charons.values():
-            charon.stop()
+        # All at once: a charon ending with hundreds of SAs takes seconds to say goodbye.
+        with ThreadPoolExecutor(max_workers=len(self.charons) or 1) as pool:
+            list(pool.map(lambda c: c.stop(), self.charons.values()))
         self.topology.destroy()
         if os.environ.get("FORECAST_LAB_KEEP") != "1":
             shutil.rmtree(self.workdir, ignore_errors=True)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 NETNS_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class CommandError(RuntimeError):
@@ -37,6 +40,27 @@ def run(
         why = proc.stderr.strip() or proc.stdout.strip()
         raise CommandError(f"{' '.join(full)} exited {proc.returncode}: {why}")
     return proc
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def entered(name: str) -> Iterator[None]:
+    """Run the block with this thread inside namespace `name` (sockets made there stay there):
+    reading a counter or opening a socket in 32 namespaces costs no process start each."""
+    with (
+        open("/proc/thread-self/ns/net", "rb") as home,
+        open(os.path.join(NETNS_DIR, name), "rb") as ns,
+    ):
+        _setns(ns.fileno())
+        try:
+            yield
+        finally:
+            _setns(home.fileno())
 
 
 def ifindex(ns: str, device: str) -> int:

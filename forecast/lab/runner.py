@@ -239,3 +239,101 @@ def shell(prefix: str | None) -> int:
     return subprocess.call(
         ["ip", "netns", "exec", topo.gateway.netns, os.environ.get("SHELL", "/bin/bash")], env=env
     )
+
+
+# -- lab bench: both forwarders, one VM boot ---------------------------------------------------
+@dataclass(frozen=True)
+class BenchPlan:
+    clients: tuple[int, ...] = (2, 8, 32)
+    payloads: tuple[int, ...] = (64, 1000)
+    rates: tuple[int, ...] = ()  # fixed LAN packets/s steps; () = the stepped ladder
+    connects: int = 30
+    step_seconds: float = 2.0
+    refine: int = 2
+    forwarders: tuple[str, ...] = ("plugin", "forecast-bpf")
+
+    def script_args(self, forwarder: str) -> list[str]:
+        args = [
+            "--forwarder",
+            forwarder,
+            "--clients",
+            ",".join(map(str, self.clients)),
+            "--payloads",
+            ",".join(map(str, self.payloads)),
+            "--connects",
+            str(self.connects),
+            "--step-seconds",
+            str(self.step_seconds),
+            "--refine",
+            str(self.refine),
+        ]
+        return args + (["--rates", ",".join(map(str, self.rates))] if self.rates else [])
+
+    def cli_args(self) -> list[str]:
+        # the same plan for `lab bench --here` (the forwarder comes per lab)
+        args = self.script_args("-")[2:]
+        return [*args, "--forwarders", ",".join(self.forwarders)]
+
+
+# The lab tier's run: enough to prove every figure is produced, in about two minutes.
+QUICK_BENCH = BenchPlan(
+    clients=(2,), payloads=(64,), rates=(250, 500, 1000), connects=5, step_seconds=1.0, refine=0
+)
+
+
+def bench_here(plan: BenchPlan, log: IO[str] = sys.stderr) -> int:
+    """One lab per forwarder on this kernel, one after the other; BENCH lines on stdout."""
+    from forecast.lab import bench as bench_script
+    from forecast.lab.conns import GatewayMode
+
+    rc = 0
+    for forwarder in plan.forwarders:
+        mode = GatewayMode.REFERENCE_PLUGIN if forwarder == "plugin" else GatewayMode.FORECAST_BPF
+        opts = LabOptions(clients=max(plan.clients), mode=mode, connect=False)
+        with Lab(opts, log=log) as lab:
+            rc |= lab.run_script(bench_script.__file__, plan.script_args(forwarder))
+    return rc
+
+
+class _WithoutRecords:
+    """Passes a job's output through, minus the BENCH records (they go to the report)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.partial = ""
+
+    def write(self, text: str) -> int:
+        lines = (self.partial + text).split("\n")
+        self.partial = lines.pop()
+        for line in lines:
+            if not line.startswith("BENCH "):
+                self.out.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def bench(plan: BenchPlan, *, kernel: str, out_dir: Path, log: IO[str] = sys.stderr) -> int:
+    """Run the benchmark where the lab runs (one VM boot for both forwarders) and write the
+    report into out_dir."""
+    from forecast.lab import bench_report
+
+    placement = place(here=False, libipsec=False)
+    print(f"lab: {placement.reason}", file=log, flush=True)
+    argv = [sys.executable, "-m", "forecast", "lab", "bench", "--here", *plan.cli_args()]
+    if placement.where == "vm":
+        with LabVM(kernel, log=log) as vm:
+            job = vm.run(argv, timeout=3600, stream=_WithoutRecords(log))  # type: ignore[arg-type]
+            rc, output = job.rc, job.output
+    else:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True, check=False)
+        rc, output = proc.returncode, proc.stdout
+    records = bench_report.parse(output)
+    if not records:
+        print("lab bench: the run produced no figures", file=log)
+        return rc or 1
+    report = bench_report.write(records, out_dir)
+    print(report.read_text())
+    print(f"lab bench: report in {report}", file=log)
+    return rc

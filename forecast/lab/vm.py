@@ -468,7 +468,9 @@ class LabVM:
             if done:
                 break
             if not self.alive():
-                raise LabVMError(f"the lab VM stopped during job {argv!r}:\n" + self.console_tail())
+                raise LabVMError(
+                    f"the lab VM stopped during job {argv!r}:\n" + self.console_tail(80)
+                )
             if time.monotonic() > deadline:
                 raise LabVMError(f"job {argv!r} gave no result within {timeout + 30:.0f} s")
             time.sleep(0.1)

@@ -60,11 +60,12 @@ def report(result: CheckResult) -> None:
 def client_packets_in() -> dict[str, int]:
     """identity ("c3-17") → ESP packets in, from each client charon's own SA counters."""
     out = {}
-    for c in topo.clients:
-        for child in ipsec_state.child_sas(c.vici_socket):
-            ike = child["ike"]
-            k = ike.removeprefix(conns.CLIENT_CONN).lstrip("-")
-            out[f"{c.name}-{k}" if k else c.name] = int(child.get("packets-in", 0))
+    with ThreadPoolExecutor(max_workers=len(topo.clients)) as pool:
+        listed = pool.map(lambda c: (c, ipsec_state.child_sas(c.vici_socket)), topo.clients)
+        for c, children in listed:
+            for child in children:
+                k = child["ike"].removeprefix(conns.CLIENT_CONN).lstrip("-")
+                out[f"{c.name}-{k}" if k else c.name] = int(child.get("packets-in", 0))
     return out
 
 

@@ -1,0 +1,329 @@
+"""The benchmark's report: from the `BENCH {json}` records of both forwarders to figures,
+ratios (forecast-bpf / plugin), a Markdown table and PNG plots.
+
+Definitions (BENCHMARKS.md explains the method):
+- zero-loss rate: the highest LAN rate (packets/s) whose step lost at most 0.1 % of copies;
+- capacity: the most copies/s delivered in any step of the series;
+- CPU per copy: the gateway CPU's time per delivered copy in the step at capacity (the most
+  copies, so the least noise from fixed costs such as waking an idle CPU);
+- ÷ ESP: CPU per copy over CPU per packet of the plain-ESP series at its own capacity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORWARDERS = ("plugin", "forecast-bpf")
+LOSS_OK = 0.001
+
+
+def parse(text: str) -> list[dict[str, Any]]:
+    """Every BENCH record in a run's output, in order."""
+    return [
+        json.loads(line.split("BENCH ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("BENCH ")
+    ]
+
+
+@dataclass(frozen=True)
+class Series:
+    forwarder: str
+    kind: str  # "multicast" or "esp"
+    clients: int
+    payload: int
+    steps: list[dict[str, Any]]
+
+    @property
+    def zero_loss_pps(self) -> float | None:
+        ok = [s["offered_pps"] for s in self.steps if s["loss"] <= LOSS_OK]
+        return max(ok) if ok else None
+
+    @property
+    def capacity_step(self) -> dict[str, Any] | None:
+        return max(self.steps, key=lambda s: s["delivered_per_s"], default=None)
+
+    @property
+    def copies_per_s(self) -> float | None:
+        step = self.capacity_step
+        return step["delivered_per_s"] if step else None
+
+    def us_per_copy(self, kind: str = "total") -> float | None:
+        step = self.capacity_step
+        value = step["us_per_copy"][kind] if step else None
+        return None if value is None or math.isnan(value) else float(value)
+
+
+def series(records: Iterable[dict[str, Any]]) -> list[Series]:
+    grouped: dict[tuple[str, str, int, int], list[dict[str, Any]]] = {}
+    for r in records:
+        if r["kind"] == "step":
+            key = (r["forwarder"], r["series"], r["clients"], r["payload"])
+            grouped.setdefault(key, []).append(r)
+    return [
+        Series(f, k, c, p, sorted(steps, key=lambda s: s["offered_pps"]))
+        for (f, k, c, p), steps in grouped.items()
+    ]
+
+
+def _find(all_series: list[Series], **want: Any) -> Series | None:
+    for s in all_series:
+        if all(getattr(s, k) == v for k, v in want.items()):
+            return s
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b not in (None, 0) else None
+
+
+def quantile(values: list[float], q: float) -> float | None:
+    vals = sorted(v for v in values if not math.isnan(v))
+    if not vals:
+        return None
+    if len(vals) == 1:
+        return vals[0]
+    return statistics.quantiles(vals, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's figures as data (the Markdown and the lab tier's checks read this)."""
+    all_series = series(records)
+    rows: list[dict[str, Any]] = []
+    for s in sorted(
+        (s for s in all_series if s.kind == "multicast"),
+        key=lambda s: (s.clients, s.payload, FORWARDERS.index(s.forwarder)),
+    ):
+        esp = _find(all_series, forwarder=s.forwarder, kind="esp", payload=s.payload)
+        per_copy = s.us_per_copy()
+        rows.append(
+            {
+                "forwarder": s.forwarder,
+                "clients": s.clients,
+                "payload": s.payload,
+                "zero_loss_pps": s.zero_loss_pps,
+                "copies_per_s": s.copies_per_s,
+                "us_per_copy": per_copy,
+                "us_per_copy_by_kind": {k: s.us_per_copy(k) for k in ("user", "system", "softirq")},
+                "esp_us_per_packet": esp.us_per_copy() if esp else None,
+                "per_copy_over_esp": _ratio(per_copy, esp.us_per_copy() if esp else None),
+            }
+        )
+    ratios: list[dict[str, Any]] = []
+    for r in rows:
+        if r["forwarder"] != "forecast-bpf":
+            continue
+        base = next(
+            (
+                p
+                for p in rows
+                if p["forwarder"] == "plugin"
+                and (p["clients"], p["payload"]) == (r["clients"], r["payload"])
+            ),
+            None,
+        )
+        if base is None:
+            continue
+        ratios.append(
+            {
+                "clients": r["clients"],
+                "payload": r["payload"],
+                "zero_loss_pps": _ratio(r["zero_loss_pps"], base["zero_loss_pps"]),
+                "copies_per_s": _ratio(r["copies_per_s"], base["copies_per_s"]),
+                "us_per_copy": _ratio(r["us_per_copy"], base["us_per_copy"]),
+            }
+        )
+    latency: dict[str, dict[str, Any]] = {}
+    for r in records:
+        if r["kind"] == "latency":
+            ms = [s["up_to_first_copy_ms"] for s in r["samples"]]
+            latency[r["forwarder"]] = {
+                "connects": len(ms),
+                "measured": sum(1 for v in ms if not math.isnan(v)),
+                "p50_ms": quantile(ms, 0.5),
+                "p99_ms": quantile(ms, 0.99),
+            }
+    starts = [r for r in records if r["kind"] == "daemon_start"]
+    meta = [r for r in records if r["kind"] == "meta"]
+    return {
+        "meta": meta,
+        "rows": rows,
+        "ratios": ratios,
+        "latency": latency,
+        "daemon_start": starts,
+        "esp": [
+            {
+                "forwarder": s.forwarder,
+                "payload": s.payload,
+                "zero_loss_pps": s.zero_loss_pps,
+                "packets_per_s": s.copies_per_s,
+                "us_per_packet": s.us_per_copy(),
+            }
+            for s in all_series
+            if s.kind == "esp"
+        ],
+    }
+
+
+def _fmt(v: float | None, digits: int = 0, suffix: str = "") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:,.{digits}f}{suffix}"
+
+
+def markdown(summ: dict[str, Any], plots: list[str]) -> str:
+    out = ["# forecast-bpf benchmark", ""]
+    for m in summ["meta"]:
+        out.append(
+            f"- {m['forwarder']}: kernel {m['kernel']}, {m['cpus']} CPUs, "
+            f"{m['step_seconds']} s per step"
+        )
+    out += [
+        "",
+        "## Forwarding (LAN multicast → every client)",
+        "",
+        "| clients | payload | forwarder | zero-loss rate (pkt/s) | copies/s at capacity "
+        "| gateway CPU per copy (µs) | user / system / softirq (µs) | ÷ one ESP packet |",
+        "|---:|---:|---|---:|---:|---:|---|---:|",
+    ]
+    for r in summ["rows"]:
+        k = r["us_per_copy_by_kind"]
+        out.append(
+            f"| {r['clients']} | {r['payload']} B | {r['forwarder']} | "
+            f"{_fmt(r['zero_loss_pps'])} | {_fmt(r['copies_per_s'])} | "
+            f"{_fmt(r['us_per_copy'], 1)} | "
+            f"{_fmt(k['user'], 1)} / {_fmt(k['system'], 1)} / {_fmt(k['softirq'], 1)} | "
+            f"{_fmt(r['per_copy_over_esp'], 2, 'x')} |"
+        )
+    out += [
+        "",
+        "## forecast-bpf / plugin",
+        "",
+        "| clients | payload | zero-loss rate | copies/s at capacity | CPU per copy |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for r in summ["ratios"]:
+        out.append(
+            f"| {r['clients']} | {r['payload']} B | {_fmt(r['zero_loss_pps'], 2, 'x')} | "
+            f"{_fmt(r['copies_per_s'], 2, 'x')} | {_fmt(r['us_per_copy'], 2, 'x')} |"
+        )
+    out += [
+        "",
+        "## Plain ESP (LAN unicast to one client's virtual IP)",
+        "",
+        "| lab of | payload | zero-loss rate (pkt/s) | packets/s at capacity | gateway CPU "
+        "per packet (µs) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for e in summ["esp"]:
+        out.append(
+            f"| {e['forwarder']} | {e['payload']} B | {_fmt(e['zero_loss_pps'])} | "
+            f"{_fmt(e['packets_per_s'])} | {_fmt(e['us_per_packet'], 1)} |"
+        )
+    out += [
+        "",
+        "## Control plane",
+        "",
+        "| forwarder | connects | CHILD_SA up → first copy p50 | p99 |",
+        "|---|---:|---:|---:|",
+    ]
+    for f, lat in summ["latency"].items():
+        out.append(
+            f"| {f} | {lat['measured']}/{lat['connects']} | {_fmt(lat['p50_ms'], 1, ' ms')} "
+            f"| {_fmt(lat['p99_ms'], 1, ' ms')} |"
+        )
+    if summ["daemon_start"]:
+        out += ["", "| forecast-bpf start | to first copy | to every SA | daemon's account |"]
+        out += ["|---|---:|---:|---|"]
+        for s in summ["daemon_start"]:
+            account = s["ready_line"].split("after the process started", 1)[-1].strip(" ()")
+            out.append(
+                f"| {s['how']} | {_fmt(s['start_to_first_copy_s'], 2, ' s')} | "
+                f"{_fmt(s['start_to_all_slots_s'], 2, ' s')} | {account} |"
+            )
+    if plots:
+        out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(out) + "\n"
+
+
+def plot(records: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    """loss-vs-rate.png and cpu-per-copy.png; returns their file names."""
+    import matplotlib  # type: ignore[import-untyped]
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # type: ignore[import-untyped]
+
+    all_series = [s for s in series(records) if s.kind == "multicast"]
+    payloads = sorted({s.payload for s in all_series})
+    names = []
+    fig, axes = plt.subplots(1, len(payloads), figsize=(6 * len(payloads), 4.2), squeeze=False)
+    for ax, payload in zip(axes[0], payloads, strict=True):
+        for s in sorted(all_series, key=lambda s: (s.forwarder, s.clients)):
+            if s.payload != payload:
+                continue
+            style = "-" if s.forwarder == "forecast-bpf" else "--"
+            ax.plot(
+                [st["offered_copies_per_s"] for st in s.steps],
+                [100 * st["loss"] for st in s.steps],
+                style,
+                marker="o",
+                label=f"{s.forwarder}, {s.clients} clients",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("offered copies/s (LAN packets/s x clients)")
+        ax.set_ylabel("copies lost (%)")
+        ax.set_title(f"loss vs offered rate, {payload} B payload")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss-vs-rate.png", dpi=100)
+    plt.close(fig)
+    names.append("loss-vs-rate.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for forwarder in FORWARDERS:
+        for payload in payloads:
+            pts = sorted(
+                (s.clients, s.us_per_copy())
+                for s in all_series
+                if s.forwarder == forwarder and s.payload == payload and s.us_per_copy()
+            )
+            if pts:
+                style = "-" if forwarder == "forecast-bpf" else "--"
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    style,
+                    marker="o",
+                    label=f"{forwarder}, {payload} B",
+                )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("clients")
+    ax.set_ylabel("gateway CPU per delivered copy (µs, at capacity)")
+    ax.set_title("CPU per copy vs clients")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "cpu-per-copy.png", dpi=100)
+    plt.close(fig)
+    names.append("cpu-per-copy.png")
+    return names
+
+
+def write(records: list[dict[str, Any]], out_dir: Path) -> Path:
+    """report.md, bench.json and the plots into out_dir; returns the report's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(records, indent=1))
+    summ = summary(records)
+    (out_dir / "summary.json").write_text(json.dumps(summ, indent=1))
+    plots = plot(records, out_dir)
+    report = out_dir / "report.md"
+    report.write_text(markdown(summ, plots))
+    return report

@@ -1,0 +1,59 @@
+"""`forecast-bpf lab bench --quick` in the session's lab VM: both forwarders, 2 clients, 64 B,
+three rates, five connects. It checks that every figure of the report exists and is sane (the
+benchmark must not rot), not that forecast-bpf beats a threshold: that is BENCHMARKS.md's job."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from forecast.lab import bench_report
+from forecast.lab.runner import QUICK_BENCH
+from tests.lab.conftest import LabRunner
+
+
+def test_quick_bench(lab: LabRunner, tmp_path: Path) -> None:
+    run = lab.lab("bench", "--quick", timeout=1200)
+    records = bench_report.parse(run.output)
+    assert run.rc == 0 and records, run.output[-6000:]
+    summ = bench_report.summary(records)
+    print(bench_report.markdown(summ, []))
+
+    steps = [r for r in records if r["kind"] == "step"]
+    rates = sorted(set(QUICK_BENCH.rates))
+    for forwarder in ("plugin", "forecast-bpf"):
+        for series, clients in (("multicast", 2), ("esp", 1)):
+            mine = [s for s in steps if (s["forwarder"], s["series"]) == (forwarder, series)]
+            assert sorted(s["offered_pps"] for s in mine) == rates, (forwarder, series)
+            for s in mine:
+                assert s["sent"] == int(s["offered_pps"] * QUICK_BENCH.step_seconds), s
+                assert len(s["delivered_by_client"]) == clients
+                assert 0 < s["delivered"] <= s["sent"] * clients, s
+                assert 0.0 <= s["loss"] < 1.0
+                assert all(v >= 0 for v in s["gateway_cpu_s"].values()), s
+        # the lab delivers everything at the lowest rate, whoever forwards
+        lowest = min(
+            (s for s in steps if s["forwarder"] == forwarder and s["series"] == "multicast"),
+            key=lambda s: s["offered_pps"],
+        )
+        assert lowest["loss"] <= 0.01, lowest
+
+    for row in summ["rows"]:
+        assert row["copies_per_s"] and row["copies_per_s"] > 0
+        for key in ("us_per_copy", "esp_us_per_packet", "per_copy_over_esp"):
+            assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, row
+    (ratio,) = summ["ratios"]
+    assert all(v is not None and v > 0 for k, v in ratio.items() if k in ("us_per_copy",))
+
+    for forwarder in ("plugin", "forecast-bpf"):
+        lat = summ["latency"][forwarder]
+        assert lat["measured"] == lat["connects"] == QUICK_BENCH.connects, lat
+        assert 0 < lat["p50_ms"] <= lat["p99_ms"] < 10_000, lat
+
+    cold, warm = summ["daemon_start"]
+    assert "compiled" in cold["build_line"] and "adopted" in warm["build_line"]
+    assert cold["start_to_first_copy_s"] and warm["start_to_first_copy_s"] is not None
+    assert "ready:" in cold["ready_line"] and "ready:" in warm["ready_line"]
+
+    report = bench_report.write(records, tmp_path)
+    assert "forecast-bpf / plugin" in report.read_text()
