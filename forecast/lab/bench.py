@@ -6,8 +6,8 @@ report. What it measures, in order:
 
 1. forecast-bpf only: daemon start → ready → first copy at a client (cold: compile; warm: a
    restart that adopts the pinned build), with the daemon's own breakdown.
-2. Control plane: a client's CHILD_SA up (the gateway's child-updown event) → the first copy
-   that client receives, while the LAN streams, over --connects connects.
+2. Control plane: a client's CHILD_SA up (both ends' child-updown events: the later one) → the
+   first copy that client receives, while the LAN streams, over --connects connects.
 3. For each client count (clients connected incrementally) and payload size: the LAN sends
    multicast at stepped rates (pktgen, kernel-side); per step the copies each client decrypted
    (kernel UDP counters, nothing per packet in Python), loss, and CPU by kind.
@@ -49,7 +49,6 @@ from forecast.lab.topology import Host, Topology
 GROUP = "224.0.0.251"  # mDNS: in both forwarders' default groups
 PORT = 5353  # nobody listens here: a copy is counted by the kernel as IgnoredMulti / NoPorts
 MEMBERSHIP_PORT = 9  # the socket that makes a client accept the group binds elsewhere
-LAN_HOST_MAC = "02:00:00:00:00:0a"
 LOSS_OK = 0.001  # "zero loss" as the report uses it: at most 0.1 %
 PAST_KNEE = 0.2  # a step losing more than this ends a series
 COPIES_LADDER = [250 * 2**i for i in range(11)]  # offered copies/s: 250 … 256k
@@ -353,6 +352,12 @@ class UpEvents:
         except OSError:
             pass  # closed
 
+    def wait(self, remote_id: str, timeout: float = 5.0) -> float:
+        """When `remote_id`'s CHILD_SA came up (nan if it did not within timeout)."""
+        with self.cond:
+            self.cond.wait_for(lambda: remote_id in self.times, timeout=timeout)
+            return self.times.pop(remote_id, math.nan)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -417,14 +422,22 @@ def control_plane(
             )
             wait_for(f"the forwarder to drop {host.name}", lambda h=host: forgotten(h))  # type: ignore[misc]
             time.sleep(0.5)
-            t_first, t_init = _connect_and_first_copy(host)
-            with events.cond:
-                events.cond.wait_for(lambda rid=rid: rid in events.times, timeout=5)  # type: ignore[misc]
-                t_up = events.times.pop(rid, math.nan)
+            # The client installs its end after the gateway (it learns of the SA from the
+            # gateway's last message): copies sent before then die at the client unseen.
+            client_events = UpEvents(host.vici_socket)
+            try:
+                t_first, t_init = _connect_and_first_copy(host)
+                t_gw = events.wait(rid)
+                t_client = client_events.wait(conns.GATEWAY_ID)
+            finally:
+                client_events.close()
+            t_up = max(t_gw, t_client)
             samples.append(
                 {
                     "client": host.name,
                     "up_to_first_copy_ms": round((t_first - t_up) * 1000, 2),
+                    "gateway_up_to_first_copy_ms": round((t_first - t_gw) * 1000, 2),
+                    "client_after_gateway_ms": round((t_client - t_gw) * 1000, 2),
                     "initiate_to_first_copy_ms": round((t_first - t_init) * 1000, 2),
                 }
             )

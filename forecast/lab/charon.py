@@ -35,12 +35,18 @@ def render_strongswan_conf(
   load = {" ".join(plugins)}
   retransmit_tries = 3
   retransmit_timeout = 2.0
+  # Labs of hundreds of IKE_SAs: a hashed table (the default is one bucket, a linear scan per
+  # message), and no cookies or per-peer limits for clients that all connect at once.
+  ikesa_table_size = 1024
+  ikesa_table_segments = 16
+  dos_protection = no
+  block_threshold = 1000
   filelog {{
     lab {{
       path = {workdir}/charon.log
       time_format = %T
       default = 1
-      knl = 2
+      knl = 1
       append = no
       flush_line = yes
     }}

@@ -21,6 +21,7 @@ GATEWAY_CHILD_NO_BROADCAST = "rw-nobcast"
 CLIENT_CONN = "gw"
 CLIENT_CHILD = "gw"
 POOL_NAME = "rw-pool"
+GATEWAY_ID = "gw@forecast.lab"
 
 BASE_PLUGINS = [
     "random",
@@ -101,7 +102,7 @@ def gateway_conn(
             "local_addrs": [wan_addr],
             "proposals": [IKE_PROPOSAL],
             "pools": [POOL_NAME],
-            "local": {"auth": "psk", "id": "gw@forecast.lab"},
+            "local": {"auth": "psk", "id": GATEWAY_ID},
             "remote": {"auth": "psk", **({"id": remote_id} if remote_id else {})},
             "children": children,
         }
@@ -153,7 +154,7 @@ def client_conn(
             "vips": ["0.0.0.0"],
             "proposals": [IKE_PROPOSAL],
             "local": {"auth": "psk", "id": client_id(name, k)},
-            "remote": {"auth": "psk", "id": "gw@forecast.lab"},
+            "remote": {"auth": "psk", "id": GATEWAY_ID},
             "children": {CLIENT_CHILD: child},
         }
     return out
