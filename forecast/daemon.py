@@ -508,14 +508,19 @@ class Daemon:
                         if stream.ready() and now - batch_started < BATCH_S:
                             continue
                     changes, pending = pending + self.table.expire(now), []
-                    if now - last_sync > RESYNC_S:
-                        changes += self.table.load_snapshot(list_sas(self.cfg.vici_socket))
-                        last_sync = now
-                        self._apply_changes(changes)
-                        self._timed_reconcile("resync", from_kernel=True)
-                    elif changes:
+                    if changes:
                         self._apply_changes(changes)
                         self._timed_reconcile("event")
+                    # The resync lists every SA (a VICI round trip that grows with the table):
+                    # never ahead of an event's changes, and not while events wait, unless it
+                    # is twice overdue.
+                    overdue = now - last_sync
+                    if overdue > RESYNC_S and (not stream.ready() or overdue > 2 * RESYNC_S):
+                        resynced = self.table.load_snapshot(list_sas(self.cfg.vici_socket))
+                        last_sync = time.monotonic()
+                        self._apply_changes(resynced)
+                        self._timed_reconcile("resync", from_kernel=True)
+                        changes += resynced
                     if changes:
                         self.notifier.status(self._status_line())
             except ViciUnavailable as exc:

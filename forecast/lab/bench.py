@@ -6,8 +6,9 @@ report. What it measures, in order:
 
 1. forecast-bpf only: daemon start → ready → first copy at a client (cold: compile; warm: a
    restart that adopts the pinned build), with the daemon's own breakdown.
-2. Control plane: a client's CHILD_SA up (both ends' child-updown events: the later one) → the
-   first copy that client receives, while the LAN streams, over --connects connects.
+2. Control plane: a client's CHILD_SA up (the gateway's child-updown event) → the first copy
+   into it on the client's wire (ESP) and the first copy the client decrypts, while the LAN
+   streams, over --connects connects (kernel receive timestamps).
 3. For each client count (clients connected incrementally) and payload size: the LAN sends
    multicast at stepped rates (pktgen, kernel-side); per step the copies each client decrypted
    (kernel UDP counters, nothing per packet in Python), loss, and CPU by kind.
@@ -328,7 +329,9 @@ class Bench:
 
 # -- control plane -----------------------------------------------------------------------------
 class UpEvents:
-    """child-updown "up" events from the gateway's charon, timed on arrival: remote id → time."""
+    """child-updown "up" events from a charon, timed (CLOCK_REALTIME) on arrival: remote id →
+    time. The gateway's charon raises the event once it installed both SAs and the policies: the
+    moment forecast-bpf's daemon hears of the SA over VICI (the plugin hears it in-process)."""
 
     def __init__(self, vici_socket: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -341,7 +344,7 @@ class UpEvents:
     def _run(self) -> None:
         try:
             for _label, event in vici.Session(self.sock).listen(["child-updown"]):
-                now = time.monotonic()
+                now = time.time()
                 if event.get("up") not in (b"yes", "yes"):
                     continue
                 for ike in event.values():
@@ -362,8 +365,25 @@ class UpEvents:
         self.sock.close()
 
 
+# Kernel receive timestamps (CLOCK_REALTIME, as struct timespec): when a packet arrived, not when
+# a Python thread got round to it.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+ETH_P_IP = 0x0800
+PACKET_OUTGOING = 4
+IPPROTO_ESP = 50
+
+
+def _stamp(ancdata: list[tuple[int, int, bytes]]) -> float:
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+            sec, nsec = struct.unpack("qq", data[:16])
+            return float(sec + nsec / 1e9)
+    return time.time()
+
+
 def first_copy(host: Host, port: int, timeout: float, ready: threading.Event) -> float:
-    """Monotonic time the first datagram to GROUP:port reaches `host` (nan on timeout)."""
+    """When the first datagram to GROUP:port reached `host`'s socket (kernel time; nan on
+    timeout): the copy decrypted and delivered."""
     with netns.entered(host.netns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -372,30 +392,64 @@ def first_copy(host: Host, port: int, timeout: float, ready: threading.Event) ->
             "4s4si", socket.inet_aton(GROUP), bytes(4), socket.if_nametoindex("eth0")
         )
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     sock.settimeout(timeout)
     ready.set()
     try:
-        sock.recv(2048)
-        return time.monotonic()
+        _data, anc, _flags, _addr = sock.recvmsg(2048, socket.CMSG_SPACE(16))
+        return _stamp(anc)
     except TimeoutError:
         return math.nan
     finally:
         sock.close()
 
 
-def _connect_and_first_copy(host: Host) -> tuple[float, float]:
-    """Connect `host` with a receiver waiting there: (first copy time, initiate time)."""
-    ready = threading.Event()
-    got: list[float] = []
-    rx = threading.Thread(
-        target=lambda: got.append(first_copy(host, PORT, 15.0, ready)), daemon=True
-    )
-    rx.start()
-    ready.wait(5)
-    t_init = time.monotonic()
+def first_esp(host: Host, timeout: float, ready: threading.Event) -> float:
+    """When the first ESP packet reached `host`'s WAN device (kernel time; nan on timeout).
+    The host has no other SA while it reconnects, so that is the forwarder's first copy into the
+    new SA, whether or not the host has installed its end yet."""
+    with netns.entered(host.netns):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+        sock.bind(("eth0", ETH_P_IP))
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    deadline = time.monotonic() + timeout
+    ready.set()
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            data, anc, _flags, addr = sock.recvmsg(64, socket.CMSG_SPACE(16))
+            if addr[2] != PACKET_OUTGOING and len(data) > 9 and data[9] == IPPROTO_ESP:
+                return _stamp(anc)
+        return math.nan
+    except TimeoutError:
+        return math.nan
+    finally:
+        sock.close()
+
+
+def _connect_and_first_copy(host: Host) -> tuple[float, float, float]:
+    """Connect `host` with receivers waiting there: (first ESP packet on its wire, first copy
+    decrypted, initiate), all CLOCK_REALTIME."""
+    ready_copy, ready_esp = threading.Event(), threading.Event()
+    got: dict[str, float] = {}
+    threads = [
+        threading.Thread(
+            target=lambda: got.__setitem__("copy", first_copy(host, PORT, 15.0, ready_copy)),
+            daemon=True,
+        ),
+        threading.Thread(
+            target=lambda: got.__setitem__("esp", first_esp(host, 15.0, ready_esp)), daemon=True
+        ),
+    ]
+    for t in threads:
+        t.start()
+    ready_copy.wait(5)
+    ready_esp.wait(5)
+    t_init = time.time()
     connect([host])
-    rx.join(20)
-    return (got[0] if got else math.nan), t_init
+    for t in threads:
+        t.join(20)
+    return got.get("esp", math.nan), got.get("copy", math.nan), t_init
 
 
 def control_plane(
@@ -422,23 +476,17 @@ def control_plane(
             )
             wait_for(f"the forwarder to drop {host.name}", lambda h=host: forgotten(h))  # type: ignore[misc]
             time.sleep(0.5)
-            # The client installs its end after the gateway (it learns of the SA from the
-            # gateway's last message): copies sent before then die at the client unseen.
-            client_events = UpEvents(host.vici_socket)
-            try:
-                t_first, t_init = _connect_and_first_copy(host)
-                t_gw = events.wait(rid)
-                t_client = client_events.wait(conns.GATEWAY_ID)
-            finally:
-                client_events.close()
-            t_up = max(t_gw, t_client)
+            t_esp, t_copy, t_init = _connect_and_first_copy(host)
+            t_gw = events.wait(rid)
             samples.append(
                 {
                     "client": host.name,
-                    "up_to_first_copy_ms": round((t_first - t_up) * 1000, 2),
-                    "gateway_up_to_first_copy_ms": round((t_first - t_gw) * 1000, 2),
-                    "client_after_gateway_ms": round((t_client - t_gw) * 1000, 2),
-                    "initiate_to_first_copy_ms": round((t_first - t_init) * 1000, 2),
+                    # what the forwarder controls: the gateway's event → its first copy sent
+                    "up_to_first_esp_ms": round((t_esp - t_gw) * 1000, 2),
+                    # what the client sees: it installs its end after the gateway (it learns of
+                    # the SA from the gateway's last IKE message); copies before that die there
+                    "up_to_first_copy_ms": round((t_copy - t_gw) * 1000, 2),
+                    "initiate_to_first_copy_ms": round((t_copy - t_init) * 1000, 2),
                 }
             )
     finally:
@@ -462,7 +510,7 @@ def daemon_start(bench: Bench, daemon: LabDaemon, hosts: list[Host], how: str) -
     rx.start()
     ready_evt.wait(5)
     try:
-        t0 = time.monotonic()
+        t0 = time.time()  # first_copy() gives CLOCK_REALTIME
         seconds_all = daemon.start(expect=len(hosts))
         steer(bench.topo)  # the new daemon onto the gateway's CPU
         rx.join(240)

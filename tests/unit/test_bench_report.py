@@ -75,6 +75,11 @@ def test_latency_quantiles(records: list[dict[str, Any]]) -> None:
         assert lat["connects"] == len(ms) == 5
         assert lat["p50_ms"] == pytest.approx(statistics.median(ms))
         assert min(ms) <= lat["p99_ms"] <= max(ms)
+        sent = [s["up_to_first_esp_ms"] for s in rec["samples"]]
+        assert lat["sent_p50_ms"] == pytest.approx(statistics.median(sent))
+        assert lat["initiate_p50_ms"] == pytest.approx(
+            statistics.median(s["initiate_to_first_copy_ms"] for s in rec["samples"])
+        )
 
 
 def test_a_series_that_always_loses_has_no_zero_loss_rate(records: list[dict[str, Any]]) -> None:
