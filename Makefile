@@ -44,7 +44,7 @@ deb: venv
 demo: setup
 	$(VENV)/bin/forecast-bpf lab demo --clients $(CLIENTS) --kernel $(KERNEL)
 
-# forecast-bpf against strongSwan's forecast plugin in the lab, one VM boot, about 12 minutes:
+# forecast-bpf against strongSwan's forecast plugin in the lab, one VM boot, about 11 minutes:
 # build/bench/report.md with plots (BENCHMARKS.md explains the method and shows a full run).
 bench: setup
 	$(VENV)/bin/forecast-bpf lab bench --kernel $(KERNEL) --out $(CURDIR)/build/bench
