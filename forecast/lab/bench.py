@@ -329,8 +329,8 @@ class Bench:
 
 # -- control plane -----------------------------------------------------------------------------
 class UpEvents:
-    """child-updown "up" events from a charon, timed (CLOCK_REALTIME) on arrival: remote id →
-    time. The gateway's charon raises the event once it installed both SAs and the policies: the
+    """child-updown "up" events from the gateway's charon, timed (CLOCK_REALTIME) on arrival:
+    remote id → time. charon raises the event once it installed both SAs and the policies: the
     moment forecast-bpf's daemon hears of the SA over VICI (the plugin hears it in-process)."""
 
     def __init__(self, vici_socket: str) -> None:
@@ -429,27 +429,16 @@ def first_esp(host: Host, timeout: float, ready: threading.Event) -> float:
 
 def _connect_and_first_copy(host: Host) -> tuple[float, float, float]:
     """Connect `host` with receivers waiting there: (first ESP packet on its wire, first copy
-    decrypted, initiate), all CLOCK_REALTIME."""
+    decrypted, initiate), all CLOCK_REALTIME. Both receivers end by their own timeouts."""
     ready_copy, ready_esp = threading.Event(), threading.Event()
-    got: dict[str, float] = {}
-    threads = [
-        threading.Thread(
-            target=lambda: got.__setitem__("copy", first_copy(host, PORT, 15.0, ready_copy)),
-            daemon=True,
-        ),
-        threading.Thread(
-            target=lambda: got.__setitem__("esp", first_esp(host, 15.0, ready_esp)), daemon=True
-        ),
-    ]
-    for t in threads:
-        t.start()
-    ready_copy.wait(5)
-    ready_esp.wait(5)
-    t_init = time.time()
-    connect([host])
-    for t in threads:
-        t.join(20)
-    return got.get("esp", math.nan), got.get("copy", math.nan), t_init
+    with ThreadPoolExecutor(2) as pool:
+        copy = pool.submit(first_copy, host, PORT, 15.0, ready_copy)
+        esp = pool.submit(first_esp, host, 15.0, ready_esp)
+        ready_copy.wait(5)
+        ready_esp.wait(5)
+        t_init = time.time()
+        connect([host])
+        return esp.result(), copy.result(), t_init
 
 
 def control_plane(
