@@ -29,7 +29,24 @@
 #define FC_DROP_MALFORMED 3       /* no complete IPv4 header where one must be */
 #define FC_DROP_NO_HEADROOM 4     /* no room for the LAN copy's Ethernet header */
 #define FC_DROP_CHAIN 5           /* the walker's tail call failed: the rest of a list got no copy */
-#define FC_DROPS 6
+#define FC_DROP_STORM_LAN 6       /* LAN multicast/broadcast over the LAN's rate: no copies */
+#define FC_DROP_STORM_SA 7        /* a client's packet over its SA's rate: no copies (sa_drops) */
+#define FC_DROP_GROUP_TO_LAN 8    /* a client's packet to a group not forwarded to the LAN */
+#define FC_DROP_GROUP_TO_SAS 9    /* a client's packet to a group not forwarded to other clients */
+#define FC_DROP_TTL 10            /* TTL 0: no sender may emit it, so no copy either */
+#define FC_DROPS 11
+
+/* Per-SA drop reasons: sa_drops[slot * FC_SA_DROPS + reason]; packets from (or copies to) the
+ * SA in that slot. Zeroed with the counters when a slot gets another SA. */
+#define FC_SA_DROP_STORM 0        /* from this SA, over its rate: no copy made */
+#define FC_SA_DROP_GROUP_TO_LAN 1 /* from this SA, to a group clients may not send to the LAN */
+#define FC_SA_DROP_GROUP_TO_SAS 2 /* from this SA, to a group clients may not send to clients */
+#define FC_SA_DROP_CLONE 3        /* a copy to this SA the XFRM interface refused */
+#define FC_SA_DROPS 4
+
+/* Token buckets (GCRA): buckets[slot] per source SA, buckets[FC_BUCKET_LAN] for the LAN. */
+#define FC_BUCKET_LAN FC_MAX_SAS
+#define FC_BUCKETS (FC_MAX_SAS + 1)
 
 /* Target lists (fc_targets), each a dense array of SA slots, twice over: the daemon rewrites the
  * generation no packet reads, then flips fc_gen, so a packet walks one whole list version. */
@@ -55,14 +72,31 @@ struct fc_sa {
 	struct fc_ts ts[FC_MAX_TS];
 };
 
+/* A rate limit as the programs apply it: at most burst_ns / interval_ns packets at once, then
+ * one per interval_ns. interval_ns 0: no limit. */
+struct fc_rate {
+	__u64 interval_ns;
+	__u64 burst_ns;
+};
+
+/* The state of one token bucket: the time at which it is empty again ("theoretical arrival
+ * time"); in the past means full. One u64, so CPUs share it with an atomic add. */
+struct fc_bucket {
+	__u64 tat;
+};
+
 struct fc_config {
 	__u32 xfrm_ifindex;
 	__u32 lan_ifindex;
 	__u32 lan_broadcast; /* network byte order */
 	__u32 n_groups;
-	__u32 groups[FC_MAX_GROUPS]; /* network byte order */
+	__u32 groups[FC_MAX_GROUPS];     /* network byte order */
+	__u32 group_dirs[FC_MAX_GROUPS]; /* bit (1 << FC_DIR_x): direction x forwards that group */
+	__u32 any_group_dirs;            /* directions that forward every multicast group */
 	__u8 lan_mac[6];
-	__u8 pad[2];
+	__u8 pad[6]; /* the rates start 8-aligned: no hidden padding */
+	struct fc_rate lan_rate; /* LAN multicast/broadcast, all copies of a packet count once */
+	struct fc_rate sa_rate;  /* each client SA's multicast/broadcast */
 };
 
 /* fc_targets[fc_target_key(gen, list, i)] = slot; fc_list_len[fc_list_key(gen, list)] = n. */

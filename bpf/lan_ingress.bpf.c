@@ -11,6 +11,7 @@
 
 #include "lib/maps.h"
 #include "lib/classify.h"
+#include "lib/guard.h"
 
 /* Map methods must be written in this file (lib/maps.h says why). */
 static __always_inline void fc_count(u32 slot, u32 dir, u32 len)
@@ -23,18 +24,6 @@ static __always_inline void fc_count(u32 slot, u32 dir, u32 len)
 static __always_inline void fc_drop(u32 reason)
 {
 	fc_drop_add(fc_drops.lookup(&reason));
-}
-
-static __always_inline int fc_group_wanted(const struct fc_config *cfg, __u32 daddr)
-{
-#pragma unroll
-	for (int g = 0; g < FC_MAX_GROUPS; g++) {
-		if (g >= cfg->n_groups)
-			break;
-		if (cfg->groups[g] == daddr)
-			return 1;
-	}
-	return 0;
 }
 
 /* One chunk of the LAN list from cb[FC_CB_NEXT] on, then itself for the next chunk. */
@@ -67,10 +56,14 @@ int fc_lan_walk(struct __sk_buff *skb)
 		/* Without the barrier the verifier sees a modified ctx pointer (docs/design.md). */
 		asm volatile("" : "+r"(skb));
 		skb->mark = sa->mark_out;
-		if (bpf_clone_redirect(skb, cfg->xfrm_ifindex, 0) == 0)
+		if (bpf_clone_redirect(skb, cfg->xfrm_ifindex, 0) == 0) {
 			fc_count(slot, FC_DIR_LAN_TO_SA, len);
-		else
+		} else {
+			u32 sa_key = fc_sa_drop_key(slot, FC_SA_DROP_CLONE);
+
 			fc_drop(FC_DROP_CLONE_TO_SA);
+			fc_drop_add(fc_sa_drops.lookup(&sa_key));
+		}
 	}
 	if (next + FC_CHUNK < end) {
 		asm volatile("" : "+r"(skb));
@@ -86,26 +79,46 @@ out:
 
 int fc_lan_ingress(struct __sk_buff *skb)
 {
-	u32 zero = 0;
+	u32 zero = 0, lan_bucket = FC_BUCKET_LAN;
 	struct fc_config *cfg = fc_config.lookup(&zero);
 	u32 *gen = fc_gen.lookup(&zero);
 	struct iphdr ip;
 	u32 daddr, list_key, *count;
+	int bcast;
 
 	if (!cfg || !gen || !cfg->xfrm_ifindex || skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
-	if (fc_load_ip(skb, ETH_HLEN, &ip, 0) < 0)
-		return TC_ACT_OK; /* not ours to judge: the stack drops what is broken */
+	/* A tagged frame belongs to another VLAN's interface; a frame for another host's MAC is
+	 * one the gateway itself would not receive (promiscuous mode, a bridge port). */
+	if (skb->vlan_present || skb->pkt_type == FC_PACKET_OTHERHOST)
+		return TC_ACT_OK;
+	if (fc_load_ip(skb, ETH_HLEN, &ip, 0) < 0) {
+		fc_drop(FC_DROP_MALFORMED); /* the stack drops it too; counted to say why */
+		return TC_ACT_OK;
+	}
 	daddr = ip.daddr;
-	if (fc_is_multicast(daddr) ? !fc_group_wanted(cfg, daddr) : !fc_is_broadcast(daddr, cfg))
+	bcast = fc_is_broadcast(daddr, cfg);
+	if (!bcast && !fc_is_multicast(daddr))
+		return TC_ACT_OK;
+	if (!(fc_group_dirs(cfg, daddr, bcast) & (1 << FC_DIR_LAN_TO_SA)))
 		return TC_ACT_OK;
 	if (fc_is_dhcp(skb, ETH_HLEN, &ip))
 		return TC_ACT_OK;
+	if (ip.ttl == 0) {
+		fc_drop(FC_DROP_TTL);
+		return TC_ACT_OK;
+	}
 	/* One generation for the whole walk: the daemon only rewrites the other one. */
 	list_key = fc_list_key(*gen, FC_LIST_LAN);
 	count = fc_list_len.lookup(&list_key);
 	if (!count || !*count)
 		return TC_ACT_OK;
+	/* One token per LAN packet however many copies it makes: the bucket bounds what the LAN
+	 * can make the gateway encrypt to (rate × SAs). */
+	if (!fc_rate_ok(fc_buckets.lookup(&lan_bucket), &cfg->lan_rate)) {
+		fc_drop(FC_DROP_STORM_LAN);
+		return TC_ACT_OK;
+	}
 	skb->cb[FC_CB_GEN] = *gen;
 	skb->cb[FC_CB_NEXT] = 0;
 	skb->cb[FC_CB_MARK] = skb->mark;

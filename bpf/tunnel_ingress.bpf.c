@@ -8,6 +8,7 @@
 
 #include "lib/maps.h"
 #include "lib/classify.h"
+#include "lib/guard.h"
 
 /* Map methods must be written in this file (lib/maps.h says why). */
 static __always_inline void fc_count(u32 slot, u32 dir, u32 len)
@@ -20,6 +21,15 @@ static __always_inline void fc_count(u32 slot, u32 dir, u32 len)
 static __always_inline void fc_drop(u32 reason)
 {
 	fc_drop_add(fc_drops.lookup(&reason));
+}
+
+/* A drop that one SA caused or suffered: counted for it and in the totals. */
+static __always_inline void fc_sa_drop(u32 slot, u32 sa_reason, u32 reason)
+{
+	u32 key = fc_sa_drop_key(slot, sa_reason);
+
+	fc_drop_add(fc_sa_drops.lookup(&key));
+	fc_drop(reason);
 }
 
 struct fc_eth {
@@ -128,7 +138,7 @@ int fc_tunnel_walk(struct __sk_buff *skb)
 		if (bpf_clone_redirect(skb, cfg->xfrm_ifindex, 0) == 0)
 			fc_count(slot, FC_DIR_SA_TO_SA, len);
 		else
-			fc_drop(FC_DROP_CLONE_TO_SA);
+			fc_sa_drop(slot, FC_SA_DROP_CLONE, FC_DROP_CLONE_TO_SA);
 	}
 	if (next + FC_CHUNK < end) {
 		asm volatile("" : "+r"(skb));
@@ -148,7 +158,8 @@ int fc_tunnel_ingress(struct __sk_buff *skb)
 	struct fc_config *cfg = fc_config.lookup(&zero);
 	u32 *gen = fc_gen.lookup(&zero);
 	struct iphdr ip;
-	u32 l3, daddr, len, origin, orig_mark, list_key, *count;
+	u32 l3, daddr, len, origin, orig_mark, list_key, *count, dirs;
+	int bcast, to_lan, to_sas;
 
 	if (!cfg || !gen || skb->protocol != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
@@ -157,7 +168,8 @@ int fc_tunnel_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	daddr = ip.daddr;
-	if (!fc_is_multicast(daddr) && !fc_is_broadcast(daddr, cfg))
+	bcast = fc_is_broadcast(daddr, cfg);
+	if (!bcast && !fc_is_multicast(daddr))
 		return TC_ACT_OK;
 	if (fc_is_dhcp(skb, l3, &ip))
 		return TC_ACT_OK;
@@ -167,8 +179,29 @@ int fc_tunnel_ingress(struct __sk_buff *skb)
 		fc_drop(FC_DROP_UNKNOWN_ORIGIN);
 		return TC_ACT_OK;
 	}
+	if (ip.ttl == 0) {
+		fc_drop(FC_DROP_TTL);
+		return TC_ACT_OK;
+	}
+	/* Clients may only send what the configuration lets them, per direction: by default the
+	 * LAN's own groups, so no client can speak OSPF, VRRP or PIM onto the LAN. */
+	dirs = fc_group_dirs(cfg, daddr, bcast);
+	to_lan = dirs & (1 << FC_DIR_SA_TO_LAN);
+	to_sas = dirs & (1 << FC_DIR_SA_TO_SA);
+	if (!to_lan)
+		fc_sa_drop(origin, FC_SA_DROP_GROUP_TO_LAN, FC_DROP_GROUP_TO_LAN);
+	if (!to_sas)
+		fc_sa_drop(origin, FC_SA_DROP_GROUP_TO_SAS, FC_DROP_GROUP_TO_SAS);
+	if (!to_lan && !to_sas)
+		return TC_ACT_OK;
+	/* One token per packet from this SA, before any copy: a flooding client costs the
+	 * gateway one lookup per packet, not one encryption per other client. */
+	if (!fc_rate_ok(fc_buckets.lookup(&origin), &cfg->sa_rate)) {
+		fc_sa_drop(origin, FC_SA_DROP_STORM, FC_DROP_STORM_SA);
+		return TC_ACT_OK;
+	}
 	len = bpf_ntohs(ip.tot_len);
-	if (cfg->lan_ifindex)
+	if (to_lan && cfg->lan_ifindex)
 		fc_copy_to_lan(skb, cfg, l3, daddr, origin, len);
 
 	/* One generation for the whole walk: the daemon only rewrites the other one. */
@@ -176,7 +209,7 @@ int fc_tunnel_ingress(struct __sk_buff *skb)
 	count = fc_list_len.lookup(&list_key);
 	asm volatile("" : "+r"(skb));
 	skb->mark = orig_mark;
-	if (!count || !*count)
+	if (!to_sas || !count || !*count)
 		return TC_ACT_OK;
 	skb->cb[FC_CB_GEN] = *gen;
 	skb->cb[FC_CB_NEXT] = 0;

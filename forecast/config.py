@@ -32,10 +32,46 @@ class XfrmConfig:
 
 
 @dataclass(frozen=True)
+class RateLimit:
+    """Packets per second and the burst allowed at once; rate 0: no limit."""
+
+    rate: int
+    burst: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+
+# A client announces itself with a few dozen packets at most (mDNS, LLMNR, SSDP, NetBIOS at
+# start-up); a LAN busy with such announcements stays well below a thousand a second.
+DEFAULT_PER_SA = RateLimit(rate=100, burst=200)
+DEFAULT_LAN = RateLimit(rate=1000, burst=2000)
+
+
+@dataclass(frozen=True)
+class StormGuard:
+    per_sa: RateLimit = DEFAULT_PER_SA  # each client's multicast/broadcast, before any copy
+    lan: RateLimit = DEFAULT_LAN  # the LAN's, one token per packet however many copies
+
+
+@dataclass(frozen=True)
+class ClientGroups:
+    """Multicast groups a client's packets are forwarded to, per direction; None: any group
+    (the plugin's behaviour). Broadcast always goes both ways."""
+
+    to_lan: tuple[IPv4Address, ...] | None
+    to_clients: tuple[IPv4Address, ...] | None
+
+
+@dataclass(frozen=True)
 class Config:
     interface: str | None = None  # None: first interface with an IPv4 broadcast
     groups: tuple[IPv4Address, ...] = tuple(IPv4Address(g) for g in DEFAULT_GROUPS)
     reinject: frozenset[str] = frozenset()
+    # None: the `groups` list in both directions (resolved by `client_groups_for`)
+    client_groups: ClientGroups | None = None
+    storm_guard: StormGuard = field(default_factory=StormGuard)
     xfrm: XfrmConfig = field(default_factory=XfrmConfig)
     vici_socket: Path = Path("/var/run/charon.vici")
     metrics_address: str = "127.0.0.1:9719"
@@ -51,6 +87,8 @@ KEYS = {
     "interface",
     "groups",
     "reinject",
+    "client_groups",
+    "storm_guard",
     "xfrm",
     "vici_socket",
     "metrics_address",
@@ -60,6 +98,15 @@ KEYS = {
     "state_file",
 }
 XFRM_KEYS = {"name", "if_id", "dev"}
+CLIENT_GROUP_KEYS = {"to_lan", "to_clients"}
+STORM_KEYS = {"per_sa", "lan"}
+RATE_KEYS = {"rate", "burst"}
+MAX_RATE = 10_000_000  # packets/s; beyond it a limit means nothing on one gateway
+
+
+def client_groups_for(cfg: Config) -> ClientGroups:
+    """What clients may send, per direction: the explicit setting, or the LAN's own groups."""
+    return cfg.client_groups or ClientGroups(to_lan=cfg.groups, to_clients=cfg.groups)
 
 
 def _ifname(where: str, value: Any) -> str:
@@ -96,6 +143,70 @@ def _groups(where: str, value: Any) -> tuple[IPv4Address, ...]:
     if len(out) > layout.FC_MAX_GROUPS:
         raise ConfigError(f"{where}: {len(out)} groups, at most {layout.FC_MAX_GROUPS}")
     return tuple(out)
+
+
+def _mapping(where: str, value: Any, known: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping ({', '.join(sorted(known))})")
+    bad = sorted(set(map(str, value)) - known)
+    if bad:
+        raise ConfigError(f"{where}: unknown key {bad[0]!r} (known: {', '.join(sorted(known))})")
+    return value
+
+
+def _client_group_list(
+    where: str, value: Any, groups: tuple[IPv4Address, ...]
+) -> tuple[IPv4Address, ...] | None:
+    if value == "any":
+        return None
+    if value == "groups":
+        return groups
+    if isinstance(value, list) and not value:
+        return ()  # no multicast at all in this direction; broadcast still goes
+    return _groups(f"{where} (a list, 'groups' or 'any')", value)
+
+
+def _client_groups(where: str, value: Any, groups: tuple[IPv4Address, ...]) -> ClientGroups:
+    data = _mapping(where, value, CLIENT_GROUP_KEYS)
+    out = ClientGroups(
+        to_lan=_client_group_list(f"{where}.to_lan", data.get("to_lan", "groups"), groups),
+        to_clients=_client_group_list(
+            f"{where}.to_clients", data.get("to_clients", "groups"), groups
+        ),
+    )
+    union = {*groups, *(out.to_lan or ()), *(out.to_clients or ())}
+    if len(union) > layout.FC_MAX_GROUPS:
+        raise ConfigError(
+            f"{where}: groups and client_groups name {len(union)} different groups together; "
+            f"the data path holds at most {layout.FC_MAX_GROUPS}"
+        )
+    return out
+
+
+def _count(where: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{where}: expected a whole number {lo}..{hi}, got {value!r}")
+    return value
+
+
+def _rate(where: str, value: Any, default: RateLimit) -> RateLimit:
+    if value is False or value == 0 or value == "off":  # YAML reads a bare `off` as false
+        return RateLimit(0, 0)
+    data = _mapping(f"{where} (or 0/off)", value, RATE_KEYS)
+    rate = _count(f"{where}.rate", data.get("rate", default.rate), 0, MAX_RATE)
+    # A burst below one packet would refuse everything; by default twice the rate (2 s).
+    burst = _count(f"{where}.burst", data.get("burst", max(1, 2 * rate)), 1, 100 * MAX_RATE)
+    return RateLimit(rate, burst if rate else 0)
+
+
+def _storm_guard(where: str, value: Any) -> StormGuard:
+    if value is False or value == "off":
+        return StormGuard(RateLimit(0, 0), RateLimit(0, 0))
+    data = _mapping(f"{where} (or off)", value, STORM_KEYS)
+    return StormGuard(
+        per_sa=_rate(f"{where}.per_sa", data.get("per_sa", {}), DEFAULT_PER_SA),
+        lan=_rate(f"{where}.lan", data.get("lan", {}), DEFAULT_LAN),
+    )
 
 
 def _names(where: str, value: Any) -> frozenset[str]:
@@ -150,6 +261,12 @@ def parse(data: Any, source: str = "<config>") -> Config:
         kw["groups"] = _groups(f"{source}: groups", data["groups"])
     if "reinject" in data:
         kw["reinject"] = _names(f"{source}: reinject", data["reinject"])
+    if "client_groups" in data:
+        kw["client_groups"] = _client_groups(
+            f"{source}: client_groups", data["client_groups"], kw.get("groups", Config.groups)
+        )
+    if "storm_guard" in data:
+        kw["storm_guard"] = _storm_guard(f"{source}: storm_guard", data["storm_guard"])
     if "xfrm" in data:
         x = data["xfrm"]
         if not isinstance(x, dict):

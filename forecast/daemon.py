@@ -39,7 +39,16 @@ from forecast.vici_source import BACKOFF_S, EventStream, ViciUnavailable, list_s
 
 RESYNC_S = 30.0  # a fresh snapshot and a kernel read-back this often: drift lives no longer
 BATCH_S = 0.5  # events waiting back to back are applied together, for at most this long
-RELOADABLE = ("groups", "reinject", "log_level", "metrics_per_sa")
+RELOADABLE = (
+    "groups",
+    "client_groups",
+    "storm_guard",
+    "reinject",
+    "log_level",
+    "metrics_per_sa",
+)
+# Reloading any of these rewrites the data path's configuration map.
+DATAPATH_KEYS = ("groups", "client_groups", "storm_guard")
 GROUPS_FD = "groups"  # FDNAME of the membership socket in systemd's store
 log = logging.getLogger("forecast-bpf")
 
@@ -204,12 +213,17 @@ class Daemon:
 
     def _datapath_config(self) -> DatapathConfig:
         assert self.lan and self.xfrm
+        clients = config.client_groups_for(self.cfg)
         return DatapathConfig(
             xfrm_ifindex=self.xfrm.index,
             lan_ifindex=self.lan.index,
             lan_mac=self.lan.mac,
             lan_broadcast=self.lan.broadcast,
             groups=self.cfg.groups,
+            client_groups_to_lan=clients.to_lan,
+            client_groups_to_sas=clients.to_clients,
+            lan_rate=self.cfg.storm_guard.lan,
+            sa_rate=self.cfg.storm_guard.per_sa,
         )
 
     def _load_datapath(self) -> None:
@@ -393,13 +407,14 @@ class Daemon:
         logging.getLogger().setLevel(self.cfg.log_level.upper())
         if "groups" in changed and self.groups is not None and self.datapath is not None:
             joined, left = self.groups.set(self.cfg.groups)
-            self.datapath.write_config(self._datapath_config())
             log.info(
                 "groups now %s (joined %s, left %s)",
                 ", ".join(map(str, self.cfg.groups)),
                 ", ".join(map(str, joined)) or "none",
                 ", ".join(map(str, left)) or "none",
             )
+        if set(changed) & set(DATAPATH_KEYS) and self.datapath is not None:
+            self.datapath.write_config(self._datapath_config())
         self.reconcile()
         log.info("reloaded %s: %s", self.config_path, ", ".join(changed) or "nothing changed")
         self.notifier.ready(self._status_line())

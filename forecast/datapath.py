@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from forecast import bpf_build, layout
-from forecast.layout import Direction, DropReason
+from forecast.config import RateLimit
+from forecast.layout import Direction, DropReason, SaDropReason
 from forecast.pinned import PinnedCounters, PinnedMap, obj_get, obj_pin, prog_info
 from forecast.targets import TargetLists
 
@@ -39,7 +40,19 @@ PROGRAMS = {
     "lan": ("lan_ingress.bpf.c", "fc_lan_ingress", "fc_lan_walk"),
     "tunnel": ("tunnel_ingress.bpf.c", "fc_tunnel_ingress", "fc_tunnel_walk"),
 }
-MAP_NAMES = ("config", "sas", "marks", "counters", "drops", "targets", "list_len", "gen")
+MAP_NAMES = (
+    "config",
+    "sas",
+    "marks",
+    "counters",
+    "drops",
+    "sa_drops",
+    "buckets",
+    "targets",
+    "list_len",
+    "gen",
+)
+NO_LIMIT = RateLimit(0, 0)
 # The map definitions: a change here needs new maps; any other source change only new programs.
 LAYOUT_SOURCES = ("forecast.h", "lib/maps.h")
 
@@ -54,7 +67,12 @@ class DatapathConfig:
     lan_ifindex: int
     lan_mac: bytes
     lan_broadcast: IPv4Address | None
-    groups: tuple[IPv4Address, ...]
+    groups: tuple[IPv4Address, ...]  # LAN → clients
+    # What clients' packets may go to, per direction; None: any multicast group
+    client_groups_to_lan: tuple[IPv4Address, ...] | None = None
+    client_groups_to_sas: tuple[IPv4Address, ...] | None = None
+    lan_rate: RateLimit = NO_LIMIT
+    sa_rate: RateLimit = NO_LIMIT
 
 
 @dataclass(frozen=True)
@@ -78,10 +96,42 @@ class SlotCounters:
     )
 
 
+def group_directions(cfg: DatapathConfig) -> tuple[dict[IPv4Address, int], int]:
+    """Each named group → the directions (bits 1 << Direction) that forward it, and the
+    directions that forward any group."""
+    per_direction = (
+        (Direction.LAN_TO_SA, cfg.groups),
+        (Direction.SA_TO_LAN, cfg.client_groups_to_lan),
+        (Direction.SA_TO_SA, cfg.client_groups_to_sas),
+    )
+    dirs: dict[IPv4Address, int] = {}
+    any_dirs = 0
+    for direction, groups in per_direction:
+        if groups is None:
+            any_dirs |= 1 << direction
+            continue
+        for group in groups:
+            if not group.is_multicast:
+                raise DatapathError(f"group {group} is not an IPv4 multicast address")
+            dirs[group] = dirs.get(group, 0) | 1 << direction
+    return dirs, any_dirs
+
+
+def encode_rate(limit: RateLimit) -> layout.FcRate:
+    out = layout.FcRate()
+    if limit.rate:
+        if limit.burst < 1:
+            raise DatapathError(f"a rate of {limit.rate}/s needs a burst of at least 1")
+        out.interval_ns = max(1, 1_000_000_000 // limit.rate)
+        out.burst_ns = out.interval_ns * limit.burst
+    return out
+
+
 def encode_config(cfg: DatapathConfig) -> layout.FcConfig:
-    if len(cfg.groups) > layout.FC_MAX_GROUPS:
+    dirs, any_dirs = group_directions(cfg)
+    if len(dirs) > layout.FC_MAX_GROUPS:
         raise DatapathError(
-            f"{len(cfg.groups)} groups; the data path holds at most {layout.FC_MAX_GROUPS}"
+            f"{len(dirs)} groups; the data path holds at most {layout.FC_MAX_GROUPS}"
         )
     if len(cfg.lan_mac) != 6:
         raise DatapathError(f"LAN MAC must be 6 bytes, got {cfg.lan_mac!r}")
@@ -89,12 +139,14 @@ def encode_config(cfg: DatapathConfig) -> layout.FcConfig:
     out.xfrm_ifindex = cfg.xfrm_ifindex
     out.lan_ifindex = cfg.lan_ifindex
     out.lan_broadcast = layout.be32(str(cfg.lan_broadcast)) if cfg.lan_broadcast else 0
-    out.n_groups = len(cfg.groups)
-    for i, group in enumerate(cfg.groups):
-        if not group.is_multicast:
-            raise DatapathError(f"group {group} is not an IPv4 multicast address")
+    out.n_groups = len(dirs)
+    for i, (group, bits) in enumerate(dirs.items()):
         out.groups[i] = layout.be32(str(group))
+        out.group_dirs[i] = bits
+    out.any_group_dirs = any_dirs
     out.lan_mac[:] = list(cfg.lan_mac)
+    out.lan_rate = encode_rate(cfg.lan_rate)
+    out.sa_rate = encode_rate(cfg.sa_rate)
     return out
 
 
@@ -201,7 +253,9 @@ class Datapath:
         for name in MAP_NAMES:
             self.maps[name] = PinnedMap(self.maps_dir / name)
         # The same descriptors: counters and drops are two of the maps just opened.
-        self._counters = PinnedCounters(self.maps["counters"], self.maps["drops"])
+        self._counters = PinnedCounters(
+            self.maps["counters"], self.maps["drops"], self.maps["sa_drops"]
+        )
         self.targets = TargetLists(self.maps["targets"], self.maps["list_len"], self.maps["gen"])
         self.targets.read()
 
@@ -261,6 +315,8 @@ class Datapath:
                 marks.delete(old_mark)
             assert self._counters is not None
             self._counters.zero(slot)
+            # A new SA starts with a full bucket, whatever the last one in this slot sent.
+            self.maps["buckets"].update(slot, layout.FcBucket())
         sas.update(slot, value)
         marks.update(sa.mark_in, ctypes.c_uint32(slot))
 
@@ -309,6 +365,10 @@ class Datapath:
     def drops(self) -> dict[DropReason, int]:
         assert self._counters is not None
         return self._counters.drop_counts()
+
+    def sa_drops(self, slots: Iterable[int]) -> dict[int, dict[SaDropReason, int]]:
+        assert self._counters is not None
+        return self._counters.sa_drop_counts(list(slots))
 
     # -- teardown ---------------------------------------------------------------------------
     def close(self) -> None:

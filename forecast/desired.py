@@ -121,10 +121,17 @@ def assign_slots(
     return out, left_out
 
 
+def _rule_safe(text: str, limit: int) -> str:
+    """What of a name may stand in an iptables comment: ASCII letters, digits and a few marks.
+    A quote or a newline here would end the comment inside an iptables-restore line."""
+    return "".join(c for c in text if c.isascii() and (c.isalnum() or c in "@.-_:+=,"))[:limit]
+
+
 @lru_cache(maxsize=CACHE_SIZE)
 def _comment(child: ChildSa) -> str:
-    safe = "".join(c for c in child.remote_id if c.isalnum() or c in "@.-_")[:40]
-    return f"forecast-bpf {child.ike_name}/{child.child_name} #{child.unique_id} {safe}"
+    # At most 13 + 48 + 1 + 48 + 12 + 40 characters: below iptables' 255.
+    ike, name = _rule_safe(child.ike_name, 48), _rule_safe(child.child_name, 48)
+    return f"forecast-bpf {ike}/{name} #{child.unique_id} {_rule_safe(child.remote_id, 40)}"
 
 
 @lru_cache(maxsize=CACHE_SIZE)

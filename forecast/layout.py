@@ -42,9 +42,26 @@ class DropReason(IntEnum):
     MALFORMED = 3
     NO_HEADROOM = 4
     CHAIN = 5
+    STORM_LAN = 6
+    STORM_SA = 7
+    GROUP_TO_LAN = 8
+    GROUP_TO_SAS = 9
+    TTL = 10
 
 
 FC_DROPS = len(DropReason)
+
+
+class SaDropReason(IntEnum):
+    STORM = 0
+    GROUP_TO_LAN = 1
+    GROUP_TO_SAS = 2
+    CLONE = 3
+
+
+FC_SA_DROPS = len(SaDropReason)
+FC_BUCKET_LAN = FC_MAX_SAS
+FC_BUCKETS = FC_MAX_SAS + 1
 
 
 class FcTs(ctypes.Structure):
@@ -61,6 +78,14 @@ class FcSa(ctypes.Structure):
     )
 
 
+class FcRate(ctypes.Structure):
+    _fields_ = (("interval_ns", ctypes.c_uint64), ("burst_ns", ctypes.c_uint64))
+
+
+class FcBucket(ctypes.Structure):
+    _fields_ = (("tat", ctypes.c_uint64),)
+
+
 class FcConfig(ctypes.Structure):
     _fields_ = (
         ("xfrm_ifindex", ctypes.c_uint32),
@@ -68,8 +93,12 @@ class FcConfig(ctypes.Structure):
         ("lan_broadcast", ctypes.c_uint32),
         ("n_groups", ctypes.c_uint32),
         ("groups", ctypes.c_uint32 * FC_MAX_GROUPS),
+        ("group_dirs", ctypes.c_uint32 * FC_MAX_GROUPS),
+        ("any_group_dirs", ctypes.c_uint32),
         ("lan_mac", ctypes.c_uint8 * 6),
-        ("pad", ctypes.c_uint8 * 2),
+        ("pad", ctypes.c_uint8 * 6),
+        ("lan_rate", FcRate),
+        ("sa_rate", FcRate),
     )
 
 
@@ -84,6 +113,10 @@ def be32(address: str) -> int:
 
 def counter_key(slot: int, direction: Direction) -> int:
     return slot * FC_DIRS + int(direction)
+
+
+def sa_drop_key(slot: int, reason: SaDropReason) -> int:
+    return slot * FC_SA_DROPS + int(reason)
 
 
 def target_key(gen: int, lst: int, i: int) -> int:

@@ -8,6 +8,8 @@ path now.
 Series count: 6 per SA (`forecast_sa_packets_total` and `forecast_sa_bytes_total`, 3 directions
 each), so 24,576 at 4,096 SAs, plus 6 per connection (`forecast_connection_*`, the sums over its
 SAs) and about 20 fixed. `metrics_per_sa: false` drops the per-SA series and keeps the sums.
+Per-SA drops (`forecast_sa_drops_total`, 4 reasons) appear only once an SA has dropped
+something, so a quiet fleet pays nothing for them; their sums per connection are always there.
 """
 
 from __future__ import annotations
@@ -94,14 +96,32 @@ class ForecastCollector(Collector):
             "Bytes (IP length) forwarded, summed over a connection's SAs",
             labels=["connection", "direction"],
         )
+        sa_drops = CounterMetricFamily(
+            "forecast_sa_drops",
+            "Packets from (or copies to) an SA not forwarded, by reason: storm (over its rate), "
+            "group_to_lan/group_to_sas (a group clients may not send to), clone",
+            labels=[*SA_LABELS, "reason"],
+        )
+        conn_drops = CounterMetricFamily(
+            "forecast_connection_drops",
+            "forecast_sa_drops summed over a connection's SAs",
+            labels=["connection", "reason"],
+        )
         slots = dict(d.last_desired.slots)  # one consistent view for this scrape
         per_sa = d.cfg.metrics_per_sa
         sums: dict[tuple[str, str], list[int]] = {}
+        drop_sums: dict[tuple[str, str], int] = {}
         if d.datapath is not None and slots:
             counters = d.datapath.counters(list(slots))
+            dropped = d.datapath.sa_drops(list(slots))
             for slot, state in slots.items():
                 child = state.children[0]
                 labels = [child.ike_name, child.child_name, str(child.unique_id)]
+                for sa_reason, n in dropped[slot].items():
+                    if per_sa and n:
+                        sa_drops.add_metric([*labels, sa_reason.name.lower()], n)
+                    key = (child.ike_name, sa_reason.name.lower())
+                    drop_sums[key] = drop_sums.get(key, 0) + n
                 for direction, name in DIRECTIONS.items():
                     t = counters[slot].by_direction[direction]
                     if per_sa:
@@ -113,11 +133,15 @@ class ForecastCollector(Collector):
         for (connection, name), (n_packets, n_bytes) in sorted(sums.items()):
             conn_packets.add_metric([connection, name], n_packets)
             conn_bytes.add_metric([connection, name], n_bytes)
+        for (connection, reason_name), n in sorted(drop_sums.items()):
+            conn_drops.add_metric([connection, reason_name], n)
         if per_sa:
             yield packets
             yield nbytes
+            yield sa_drops
         yield conn_packets
         yield conn_bytes
+        yield conn_drops
 
         drops = CounterMetricFamily(
             "forecast_drops", "Packets not forwarded, by reason", labels=["reason"]

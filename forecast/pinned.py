@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from forecast import layout
-from forecast.layout import Direction, DropReason
+from forecast.layout import Direction, DropReason, SaDropReason
 
 _lib: ctypes.CDLL | None = None
 BPF_ANY = 0
@@ -260,20 +260,24 @@ class RcuBarrier:
 
 
 class PinnedCounters:
-    """Counters and drops, summed over CPUs: what `status` and the metrics read."""
+    """Counters and drops (totals and per SA), summed over CPUs: what `status` and the metrics
+    read."""
 
-    def __init__(self, counters: PinnedMap, drops: PinnedMap) -> None:
-        self.counters, self.drops = counters, drops
+    def __init__(self, counters: PinnedMap, drops: PinnedMap, sa_drops: PinnedMap) -> None:
+        self.counters, self.drops, self.sa_drops = counters, drops, sa_drops
         self.ncpu = possible_cpus()
 
     @classmethod
     def open(cls, maps_dir: Path) -> PinnedCounters:
-        counters = PinnedMap(maps_dir / "counters")
+        opened: list[PinnedMap] = []
         try:
-            return cls(counters, PinnedMap(maps_dir / "drops"))
+            for name in ("counters", "drops", "sa_drops"):
+                opened.append(PinnedMap(maps_dir / name))
         except PinnedError:
-            counters.close()
+            for m in opened:
+                m.close()
             raise
+        return cls(*opened)
 
     def slot(self, slot: int) -> dict[Direction, tuple[int, int]]:
         out = {}
@@ -303,6 +307,28 @@ class PinnedCounters:
     def zero(self, slot: int) -> None:
         for d in Direction:
             self.counters.update(layout.counter_key(slot, d), (layout.FcCounter * self.ncpu)())
+        for r in SaDropReason:
+            self.sa_drops.update(layout.sa_drop_key(slot, r), (ctypes.c_uint64 * self.ncpu)())
+
+    def sa_drop_counts(self, slots: list[int]) -> dict[int, dict[SaDropReason, int]]:
+        """Per-SA drops by reason: a batch read of the whole map when many slots are asked."""
+        per_cpu = ctypes.c_uint64 * self.ncpu
+        if len(slots) < 64:
+            out = {}
+            for slot in slots:
+                by_reason = {}
+                for r in SaDropReason:
+                    values = per_cpu()
+                    if not self.sa_drops.lookup(layout.sa_drop_key(slot, r), values):
+                        raise PinnedError(f"sa_drops[{slot}, {r.name}] unreadable")
+                    by_reason[r] = int(sum(values))
+                out[slot] = by_reason
+            return out
+        everything = self.sa_drops.dump(layout.FC_MAX_SAS * layout.FC_SA_DROPS, per_cpu)
+        return {
+            slot: {r: int(sum(everything[layout.sa_drop_key(slot, r)])) for r in SaDropReason}
+            for slot in slots
+        }
 
     def drop_counts(self) -> dict[DropReason, int]:
         out = {}
@@ -316,3 +342,4 @@ class PinnedCounters:
     def close(self) -> None:
         self.counters.close()
         self.drops.close()
+        self.sa_drops.close()

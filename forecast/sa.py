@@ -21,8 +21,25 @@ class PayloadError(ValueError):
     """A VICI message is missing a key or has a value of the wrong shape; names which."""
 
 
+# Names and identities come from peers and configuration we do not control; past this length
+# they are cut (an IKE identity is rarely longer than a mail address or a DN).
+MAX_TEXT = 256
+
+
 def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """A VICI value as text; bytes that are not UTF-8 become \\xNN escapes, never an error."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
+def printable(text: str, limit: int = MAX_TEXT) -> str:
+    """Names and identities as every later consumer may show them: control and format
+    characters (newlines, escape sequences, bidi overrides) escaped, length bounded. Applied once,
+    where a VICI message is parsed, so no log line, status table, metric label or rule sees the
+    raw text."""
+    out = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 def _get(msg: Mapping[Any, Any], key: str) -> Any:
@@ -139,8 +156,9 @@ class ChildSa:
 
 
 def parse_child(ike_name: str, ike: Mapping[Any, Any], child: Mapping[Any, Any]) -> ChildSa:
+    ike_name = printable(ike_name)
     where = f"IKE_SA {ike_name}"
-    name = _need(child, "name", where)
+    name = printable(_need(child, "name", where))
     where = f"CHILD_SA {ike_name}/{name}"
     vips = []
     for v in _get(ike, "remote-vips") or []:
@@ -166,7 +184,7 @@ def parse_child(ike_name: str, ike: Mapping[Any, Any], child: Mapping[Any, Any])
         remote_host=_address(ike, "remote-host", where),
         local_port=int(_s(_get(ike, "local-port") or 500)),
         remote_port=int(_s(_get(ike, "remote-port") or 500)),
-        remote_id=_s(_get(ike, "remote-id") or ""),
+        remote_id=printable(_s(_get(ike, "remote-id") or "")),
         remote_vips=tuple(vips),
         local_ts=_networks(child, "local-ts", where),
         remote_ts=_networks(child, "remote-ts", where),
@@ -176,7 +194,7 @@ def parse_child(ike_name: str, ike: Mapping[Any, Any], child: Mapping[Any, Any])
 def _ike_sections(payload: Mapping[Any, Any]) -> Iterable[tuple[str, Mapping[Any, Any]]]:
     for key, value in payload.items():
         if isinstance(value, Mapping):
-            yield _s(key), value
+            yield printable(_s(key)), value
 
 
 def _children(ike_name: str, ike: Mapping[Any, Any]) -> list[ChildSa]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from forecast.layout import Direction
+from forecast.layout import Direction, SaDropReason
 from forecast.pinned import PinnedCounters, PinnedError
 
 SCHEMA_VERSION = 1
@@ -24,6 +24,9 @@ DIRECTION_KEYS = {
     Direction.SA_TO_LAN: "sa_to_lan",
     Direction.SA_TO_SA: "sa_to_sa",
 }
+
+
+STORM = SaDropReason.STORM.name.lower()
 
 
 class NotRunning(RuntimeError):
@@ -69,9 +72,11 @@ def read(state_file: Path) -> Snapshot:
         totals = {k: {"packets": 0, "bytes": 0} for k in DIRECTION_KEYS.values()}
         slots = sorted(state["slots"].items(), key=lambda kv: int(kv[0]))
         all_counters = counters.slots([int(slot) for slot, _info in slots])
+        all_drops = counters.sa_drop_counts([int(slot) for slot, _info in slots])
         for slot, info in slots:
             by_dir = all_counters[int(slot)]
             entry = dict(info, slot=int(slot), counters={})
+            entry["drops"] = {r.name.lower(): n for r, n in all_drops[int(slot)].items()}
             for d, key in DIRECTION_KEYS.items():
                 packets, nbytes = by_dir[d]
                 entry["counters"][key] = {"packets": packets, "bytes": nbytes}
@@ -214,6 +219,7 @@ def _columns(w: int) -> list[Column]:
         Column("LAN>SA", w, 3, True),
         Column("SA>LAN", w, 3, True),
         Column("SA>SA", w, 6, True),
+        Column("DROPS", 7, 6, True),
     ]
 
 
@@ -248,6 +254,7 @@ def _cells(sa: dict[str, Any], r: dict[str, float] | None) -> dict[str, str]:
         "LAN>SA": _cell(sa["counters"], "lan_to_sa", r),
         "SA>LAN": _cell(sa["counters"], "sa_to_lan", r),
         "SA>SA": _cell(sa["counters"], "sa_to_sa", r),
+        "DROPS": _human(sum(sa.get("drops", {}).values())),
     }
 
 
@@ -283,6 +290,7 @@ def render_table(
             {
                 "CONN/CHILD": "total",
                 "ID": str(len(snap.sas)),
+                "DROPS": _human(sum(sum(sa.get("drops", {}).values()) for sa in snap.sas)),
                 "REMOTE": "" if any(c.title == "CONN/CHILD" for c in columns) else "total",
                 **{
                     title: _cell(t, key, totals_rates)
@@ -304,6 +312,19 @@ def render_table(
 def _footer(snap: Snapshot) -> list[str]:
     drops = ", ".join(f"{k} {v}" for k, v in snap.doc["drops"].items() if v) or "none"
     lines = [f"drops: {drops}"]
+    # Who floods: the SAs the storm guard held back most.
+    storming = sorted(
+        (sa for sa in snap.sas if sa.get("drops", {}).get(STORM, 0)),
+        key=lambda sa: -sa["drops"][STORM],
+    )
+    if storming:
+        lines.append(
+            "over their rate: "
+            + ", ".join(
+                f"#{sa['unique_id']} {sa['remote_id']} {sa['drops'][STORM]}" for sa in storming[:3]
+            )
+            + (f" and {len(storming) - 3} more" if len(storming) > 3 else "")
+        )
     lost = snap.doc.get("lost_after_datapath", 0)
     if lost:
         lines.append(

@@ -10,6 +10,8 @@
 
 /* <uapi/linux/in.h> drags kernel headers in under bcc; one number is all that is needed. */
 #define FC_IPPROTO_UDP 17
+#define FC_PACKET_OTHERHOST 3 /* <linux/if_packet.h>: a frame for another host's MAC */
+#define FC_IP_OFFSET 0x1fff   /* fragment offset bits of frag_off, host order */
 #define FC_MCAST_NET 0xe0000000U  /* 224.0.0.0/4, host order */
 #define FC_MCAST_MASK 0xf0000000U
 
@@ -23,13 +25,15 @@ static __always_inline int fc_is_broadcast(__u32 daddr, const struct fc_config *
 	return daddr == 0xffffffffU || (cfg->lan_broadcast && daddr == cfg->lan_broadcast);
 }
 
-/* DHCP is never forwarded (as the plugin): a relay's job, and a loop risk. */
+/* DHCP is never forwarded (as the plugin): a relay's job, and a loop risk. A later fragment
+ * has no UDP header to tell; it is forwarded like any fragment of a multicast/broadcast
+ * datagram (its receiver reassembles or drops it). */
 static __always_inline int fc_is_dhcp(struct __sk_buff *skb, __u32 l3, const struct iphdr *ip)
 {
 	struct udphdr udp;
 	__u32 l4 = l3 + ip->ihl * 4;
 
-	if (ip->protocol != FC_IPPROTO_UDP)
+	if (ip->protocol != FC_IPPROTO_UDP || (bpf_ntohs(ip->frag_off) & FC_IP_OFFSET))
 		return 0;
 	if (bpf_skb_load_bytes(skb, l4, &udp, sizeof(udp)) < 0)
 		return 0;
@@ -45,7 +49,7 @@ static __always_inline int fc_load_ip(struct __sk_buff *skb, __u32 l3, struct ip
 
 	if (bpf_skb_load_bytes(skb, l3, ip, sizeof(*ip)) < 0)
 		return -1;
-	if (ip->version != 4 || ip->ihl < 5)
+	if (ip->version != 4 || ip->ihl < 5 || ip->ihl * 4 > bpf_ntohs(ip->tot_len))
 		return -1;
 	end = bpf_ntohs(ip->tot_len) + l3;
 	if (end > skb->len || (exact && end != skb->len))

@@ -18,6 +18,10 @@ BPF_TABLE_PINNED("hash", u32, u32, fc_marks, FC_MAX_SAS, FC_PIN_DIR "/marks");
 BPF_TABLE_PINNED("percpu_array", u32, struct fc_counter, fc_counters, FC_MAX_SAS * FC_DIRS,
 		 FC_PIN_DIR "/counters");
 BPF_TABLE_PINNED("percpu_array", u32, u64, fc_drops, FC_DROPS, FC_PIN_DIR "/drops");
+BPF_TABLE_PINNED("percpu_array", u32, u64, fc_sa_drops, FC_MAX_SAS * FC_SA_DROPS,
+		 FC_PIN_DIR "/sa_drops");
+/* Shared, not per-CPU: a rate is per source, whichever CPU its packets arrive on. */
+BPF_TABLE_PINNED("array", u32, struct fc_bucket, fc_buckets, FC_BUCKETS, FC_PIN_DIR "/buckets");
 BPF_TABLE_PINNED("array", u32, u32, fc_targets, FC_GENS * FC_LISTS * FC_MAX_SAS,
 		 FC_PIN_DIR "/targets");
 BPF_TABLE_PINNED("array", u32, u32, fc_list_len, FC_GENS * FC_LISTS, FC_PIN_DIR "/list_len");
@@ -30,6 +34,11 @@ BPF_TABLE_PINNED("prog", u32, u32, fc_chain, 1, FC_CHAIN_PIN);
 static __always_inline u32 fc_counter_key(u32 slot, u32 dir)
 {
 	return slot * FC_DIRS + dir;
+}
+
+static __always_inline u32 fc_sa_drop_key(u32 slot, u32 reason)
+{
+	return slot * FC_SA_DROPS + reason;
 }
 
 static __always_inline u32 fc_target_key(u32 gen, u32 list, u32 i)

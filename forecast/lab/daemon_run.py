@@ -24,9 +24,15 @@ def _sh(*argv: str) -> str:
 
 class LabDaemon:
     def __init__(
-        self, topo: Topology, *, reinject: list[str], groups: list[str] | None = None
+        self,
+        topo: Topology,
+        *,
+        reinject: list[str],
+        groups: list[str] | None = None,
+        extra: list[str] | None = None,
     ) -> None:
-        """reinject: CHILD_SA config names whose clients get other clients' multicast."""
+        """reinject: CHILD_SA config names whose clients get other clients' multicast;
+        extra: more lines of YAML configuration."""
         self.topo = topo
         self.work = Path(f"/tmp/{topo.prefix}-daemon")
         self.work.mkdir(exist_ok=True)
@@ -43,6 +49,7 @@ class LabDaemon:
         ]
         if groups:
             lines.append(f"groups: [{', '.join(groups)}]")
+        lines += extra or []
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -12,6 +12,7 @@ import pytest
 
 from forecast.lab import netns
 from tests.kernel.daemon_fixture import running  # noqa: F401  (a fixture, used by name)
+from tests.kernel.veth_gateway import gateway  # noqa: F401  (a fixture, used by name)
 
 NEEDED_TOOLS = ("ip", "iptables", "ethtool", "/usr/lib/ipsec/charon")
 

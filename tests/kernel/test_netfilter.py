@@ -4,12 +4,15 @@ removed without a trace, and nobody else's rules touched."""
 from __future__ import annotations
 
 from collections import Counter
+from ipaddress import IPv4Address
 
 import pytest
 
-from forecast import netfilter
+from forecast import config, desired, netfilter
 from forecast.desired import MarkRule
 from forecast.lab import netns
+from forecast.sa import SaTable
+from tests import hostile_names
 
 
 def _save(ns: str) -> str:
@@ -142,3 +145,29 @@ def test_signatures_see_someone_elses_edit(nsname: str) -> None:
     netns.run(["iptables", "-t", "mangle", "-A", "FORECAST-PRE", "-j", "ACCEPT"], netns=nsname)
     assert rules.signatures() != Counter(map(netfilter.signature, applied))
     rules.remove()
+
+
+def test_hostile_names_reach_iptables_as_one_harmless_comment(nsname: str) -> None:
+    """The real path: a child-updown with quotes, newlines and escapes in its names, through
+    the SA table and the desired state, into real iptables-restore (tests/hostile_names.py)."""
+    table = SaTable()
+    (change,) = table.apply("child-updown", hostile_names.payload(), 1000.0)
+    cfg = config.parse({"xfrm": {"if_id": hostile_names.IF_ID}})
+    want = desired.compute([change.child], cfg, IPv4Address("10.1.255.255"), {})
+    rules = netfilter.Rules(nsname)
+    rules.apply(want.rules)
+    text = _save(nsname)
+    ours = [ln for ln in text.splitlines() if ln.startswith("-A FORECAST-")]
+    assert len(ours) == len(want.rules) == 3  # inbound ESP, VIP in PREROUTING and OUTPUT
+    # Nothing but our rules was appended anywhere: no "-A INPUT -j DROP", no "-j ACCEPT".
+    appended = [ln for ln in text.splitlines() if ln.startswith("-A ")]
+    assert all(
+        ln.startswith(
+            ("-A FORECAST-", "-A PREROUTING -j FORECAST-PRE", "-A OUTPUT -j FORECAST-OUT")
+        )
+        for ln in appended
+    ), appended
+    assert all(ln.endswith("/0xffffffff") for ln in ours)
+    assert rules.signatures() == Counter(map(netfilter.signature, want.rules))
+    rules.remove()
+    assert "FORECAST" not in _save(nsname)

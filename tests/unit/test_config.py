@@ -57,6 +57,15 @@ def test_full_file(tmp_path: Path) -> None:
         ("reinject: [1, 2]\n", "reinject: expected a list of CHILD_SA config names"),
         ("- a\n- b\n", "the top level must be a mapping"),
         ("groups: [\n", "not valid YAML"),
+        ("client_groups: any\n", "client_groups: expected a mapping"),
+        ("client_groups: {to_wan: any}\n", "client_groups: unknown key 'to_wan'"),
+        ("client_groups: {to_lan: [10.0.0.5]}\n", "client_groups.to_lan"),
+        ("client_groups: {to_clients: everything}\n", "client_groups.to_clients"),
+        ("storm_guard: {per_client: 5}\n", "storm_guard (or off): unknown key 'per_client'"),
+        ("storm_guard: {per_sa: {rate: -1}}\n", "storm_guard.per_sa.rate: expected a whole"),
+        ("storm_guard: {lan: {rate: 10, burst: 0}}\n", "storm_guard.lan.burst: expected a whole"),
+        ("storm_guard: {lan: {rate: fast}}\n", "storm_guard.lan.rate: expected a whole"),
+        ("storm_guard: {lan: {rate: 1, bucket: 2}}\n", "storm_guard.lan (or 0/off): unknown key"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
@@ -78,3 +87,43 @@ def test_too_many_groups() -> None:
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         config.load(tmp_path / "absent.yaml")
+
+
+def test_clients_send_only_the_lan_groups_unless_widened() -> None:
+    cfg = config.parse({"groups": ["239.255.255.250"]})
+    assert cfg.client_groups is None
+    clients = config.client_groups_for(cfg)
+    assert clients.to_lan == clients.to_clients == (IPv4Address("239.255.255.250"),)
+    wide = config.parse(
+        {"client_groups": {"to_lan": "any", "to_clients": ["224.0.0.251"]}, "groups": ["239.1.1.1"]}
+    )
+    assert wide.client_groups == config.ClientGroups(None, (IPv4Address("224.0.0.251"),))
+    none = config.parse({"client_groups": {"to_clients": []}})
+    assert none.client_groups is not None and none.client_groups.to_clients == ()
+    assert none.client_groups.to_lan == none.groups  # unnamed direction: the LAN groups
+
+
+def test_group_union_must_fit_the_data_path() -> None:
+    many = [f"239.0.1.{i}" for i in range(1, 10)]
+    with pytest.raises(ConfigError, match=r"name 18 different groups together; .* at most 16"):
+        config.parse(
+            {"client_groups": {"to_lan": many}, "groups": [f"239.0.0.{i}" for i in range(1, 10)]}
+        )
+
+
+def test_storm_guard_defaults_and_off() -> None:
+    cfg = config.parse({})
+    assert cfg.storm_guard.per_sa == config.RateLimit(100, 200)
+    assert cfg.storm_guard.lan == config.RateLimit(1000, 2000)
+    off = config.parse({"storm_guard": False})  # YAML's bare `off`
+    assert not off.storm_guard.per_sa.enabled and not off.storm_guard.lan.enabled
+    some = config.parse({"storm_guard": {"per_sa": {"rate": 5}, "lan": 0}})
+    assert some.storm_guard.per_sa == config.RateLimit(5, 10)  # burst: two seconds' worth
+    assert some.storm_guard.lan == config.RateLimit(0, 0)
+
+
+def test_storm_guard_from_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text("storm_guard:\n  per_sa: {rate: 20, burst: 3}\n  lan: off\n")
+    cfg = config.load(path)
+    assert cfg.storm_guard == config.StormGuard(config.RateLimit(20, 3), config.RateLimit(0, 0))

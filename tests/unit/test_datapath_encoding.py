@@ -8,7 +8,9 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from forecast import layout
+from forecast.config import RateLimit
 from forecast.datapath import DatapathConfig, DatapathError, SaEntry, encode_config, encode_sa
+from forecast.layout import Direction, be32
 
 MC = IPv4Network("224.0.0.0/4")
 
@@ -47,3 +49,35 @@ def test_config_encoding_and_refusals() -> None:
         encode_config(DatapathConfig(7, 3, bytes(6), None, (IPv4Address("10.0.0.1"),)))
     with pytest.raises(DatapathError, match="LAN MAC must be 6 bytes"):
         encode_config(DatapathConfig(7, 3, bytes(4), None, ()))
+
+
+def test_group_directions_and_rates_encoding() -> None:
+    lan, extra = IPv4Address("239.255.255.250"), IPv4Address("239.1.2.3")
+    cfg = DatapathConfig(
+        xfrm_ifindex=7,
+        lan_ifindex=3,
+        lan_mac=bytes(6),
+        lan_broadcast=None,
+        groups=(lan,),
+        client_groups_to_lan=None,  # any
+        client_groups_to_sas=(lan, extra),
+        lan_rate=RateLimit(1000, 2000),
+        sa_rate=RateLimit(3, 1),
+    )
+    out = encode_config(cfg)
+    bit = {d: 1 << d for d in Direction}
+    assert out.n_groups == 2
+    assert out.groups[0] == be32(str(lan)) and out.groups[1] == be32(str(extra))
+    assert out.group_dirs[0] == bit[Direction.LAN_TO_SA] | bit[Direction.SA_TO_SA]
+    assert out.group_dirs[1] == bit[Direction.SA_TO_SA]
+    assert out.any_group_dirs == bit[Direction.SA_TO_LAN]
+    assert (out.lan_rate.interval_ns, out.lan_rate.burst_ns) == (1_000_000, 2_000_000_000)
+    assert (out.sa_rate.interval_ns, out.sa_rate.burst_ns) == (333_333_333, 333_333_333)
+    unlimited = encode_config(DatapathConfig(7, 3, bytes(6), None, ()))
+    assert unlimited.lan_rate.interval_ns == unlimited.sa_rate.interval_ns == 0
+    with pytest.raises(DatapathError, match="17 groups"):
+        encode_config(
+            DatapathConfig(
+                7, 3, bytes(6), None, tuple(IPv4Address(f"239.0.0.{i}") for i in range(1, 18))
+            )
+        )

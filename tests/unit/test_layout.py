@@ -43,10 +43,23 @@ def test_constants_match() -> None:
     assert d["FC_SA_REINJECT"] == layout.FC_SA_REINJECT
     assert d["FC_DIRS"] == layout.FC_DIRS
     assert d["FC_DROPS"] == layout.FC_DROPS
+    assert d["FC_SA_DROPS"] == layout.FC_SA_DROPS
+    assert layout.FC_BUCKET_LAN == layout.FC_MAX_SAS and layout.FC_BUCKETS == layout.FC_MAX_SAS + 1
+    assert re.search(r"#define FC_BUCKET_LAN FC_MAX_SAS\b", HEADER)
+    assert re.search(r"#define FC_BUCKETS \(FC_MAX_SAS \+ 1\)", HEADER)
     for direction in layout.Direction:
         assert d[f"FC_DIR_{direction.name}"] == direction.value
     for reason in layout.DropReason:
         assert d[f"FC_DROP_{reason.name}"] == reason.value
+    for sa_reason in layout.SaDropReason:
+        assert d[f"FC_SA_DROP_{sa_reason.name}"] == sa_reason.value
+    # Every reason the header defines has its Python name (none forgotten on either side).
+    assert {k for k in d if k.startswith("FC_DROP_")} == {
+        f"FC_DROP_{r.name}" for r in layout.DropReason
+    }
+    assert {k for k in d if k.startswith("FC_SA_DROP_")} == {
+        f"FC_SA_DROP_{r.name}" for r in layout.SaDropReason
+    }
 
 
 def test_structs_match_field_by_field() -> None:
@@ -56,6 +69,8 @@ def test_structs_match_field_by_field() -> None:
         "fc_sa": layout.FcSa,
         "fc_config": layout.FcConfig,
         "fc_counter": layout.FcCounter,
+        "fc_rate": layout.FcRate,
+        "fc_bucket": layout.FcBucket,
     }
     for cname, pytype in pairs.items():
         c_fields = _struct_fields(cname)
@@ -75,7 +90,8 @@ def test_structs_match_field_by_field() -> None:
 
 def test_sizes_have_no_hidden_padding() -> None:
     assert ctypes.sizeof(layout.FcSa) == 16 + 8 * layout.FC_MAX_TS
-    assert ctypes.sizeof(layout.FcConfig) == 16 + 4 * layout.FC_MAX_GROUPS + 8
+    assert ctypes.sizeof(layout.FcConfig) == 16 + 2 * 4 * layout.FC_MAX_GROUPS + 4 + 12 + 2 * 16
+    assert ctypes.sizeof(layout.FcConfig) % 8 == 0
 
 
 def test_be32_is_network_order_in_memory() -> None:

@@ -21,6 +21,7 @@ from forecast.lab.topology import Topology
 topo = Topology.load(os.environ["FORECAST_LAB_TOPOLOGY"])
 REINJECT = sys.argv[1:]
 NOT_A_GROUP = "239.1.2.3"  # receivers join it; the daemon must not forward it
+OSPF = "224.0.0.5"  # AllSPFRouters: no client may send it onto the LAN
 results: list[CheckResult] = []
 
 
@@ -87,6 +88,21 @@ try:
             "status --json counters equal the traffic",
             want == got,
             {"want": want, "got": got, "drops": doc["drops"]},
+        )
+    )
+
+    # LAN protection: a client speaking OSPF reaches neither the LAN nor the other clients
+    # (client_groups default to `groups`), and its SA's drop counters say so.
+    report(checks.client_to_others(topo, first.name, OSPF, set(), expect_lan=False))
+    first_sa = next(
+        sa for sa in daemon.status_json()["sas"] if sa["remote_id"].startswith(first.name + "@")
+    )
+    report(
+        CheckResult(
+            f"{first.name}'s OSPF packets are counted as not forwarded, both ways",
+            first_sa["drops"]["group_to_lan"] == count
+            and first_sa["drops"]["group_to_sas"] == count,
+            {"drops": first_sa["drops"]},
         )
     )
 
