@@ -55,8 +55,8 @@ def _logging(level: str) -> None:
 def _single_instance(path: Path) -> IO[str] | str:
     """Hold an exclusive lock for the daemon's lifetime; a second daemon would share the pinned
     maps and replace the first one's filters. Returns the open lock file, or why not."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = path.open("a+")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600), "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

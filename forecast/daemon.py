@@ -449,10 +449,14 @@ class Daemon:
             "slots": slots,
         }
         path = self.cfg.state_file
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # Root's alone (it names every peer), whatever umask the daemon was started with.
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         # Compact: at thousands of SAs, indenting costs 4x the time and 1.5x the bytes per event.
-        tmp.write_text(json.dumps(doc, separators=(",", ":")))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)  # a .tmp left by an older daemon keeps its mode otherwise
+            f.write(json.dumps(doc, separators=(",", ":")))
         os.replace(tmp, path)
 
     # -- the loop ---------------------------------------------------------------------------

@@ -81,6 +81,9 @@ class SaEntry:
     mark_in: int
     selectors: tuple[IPv4Network, ...]
     reinject: bool = False
+    # False: in the table (its decrypted traffic is forwarded and counted) but on no target
+    # list, because a newer SA to the same peer takes the copies (desired.py). Not in the map.
+    copies: bool = True
 
 
 @dataclass
@@ -243,7 +246,10 @@ class Datapath:
 
     def load(self) -> None:
         """Adopt this build's pinned programs, or compile and pin them; open the maps."""
-        self.pin_dir.mkdir(parents=True, exist_ok=True)
+        # Only root reaches the maps (the SA table, the counters) and programs: the pins are
+        # 0600 by the kernel, the directory ours to close, whatever the umask.
+        self.pin_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.pin_dir.chmod(0o700)
         self.fresh_maps = not self.maps_dir.exists()
         if self.fresh_maps or not all(pin.exists() for pin in self._pins()):
             self.verified = _compile_in_child(self.pin_dir)
@@ -263,7 +269,7 @@ class Datapath:
         """Compile both programs and their walkers here, pin them with their maps; returns
         verifier instructions per program."""
         verified: dict[str, int] = {}
-        self.maps_dir.mkdir(parents=True, exist_ok=True)
+        self.maps_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for role, (source, entry, walker) in PROGRAMS.items():
             for pin in (self._prog_pin(role), self._chain_pin(role)):
                 pin.unlink(missing_ok=True)  # a half-made build: start it again
@@ -321,13 +327,13 @@ class Datapath:
         marks.update(sa.mark_in, ctypes.c_uint32(slot))
 
     def publish_targets(self, entries: dict[int, SaEntry]) -> bool:
-        """The walkers' lists from the filled slots: every slot for the LAN, the reinjecting
-        ones for client-to-client copies. Atomic for packets (forecast.targets)."""
+        """The walkers' lists from the filled slots that take copies: all of them for the LAN,
+        the reinjecting ones for client-to-client copies. Atomic for packets (forecast.targets)."""
         assert self.targets is not None
         return self.targets.publish(
             {
-                layout.FC_LIST_LAN: entries.keys(),
-                layout.FC_LIST_REINJECT: [s for s, e in entries.items() if e.reinject],
+                layout.FC_LIST_LAN: [s for s, e in entries.items() if e.copies],
+                layout.FC_LIST_REINJECT: [s for s, e in entries.items() if e.copies and e.reinject],
             }
         )
 

@@ -6,7 +6,7 @@ Nothing here knows about VICI, and nothing here touches the kernel (docs/design.
 from __future__ import annotations
 
 from collections.abc import Mapping, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from ipaddress import IPv4Address, IPv4Network
 
@@ -232,4 +232,22 @@ def compute(
             reinject=current.child_name in cfg.reinject,
         )
         desired.slots[slots[mark]] = SlotState(slots[mark], entry, tuple(group))
+    _one_copy_per_peer(desired)
     return desired
+
+
+def _one_copy_per_peer(desired: Desired) -> None:
+    """A reauthentication (make-before-break) or a client reconnecting before its old IKE_SA
+    is gone holds two SAs to the same peer and addresses for a moment, each with its own mark:
+    copies to both would reach the client twice. Only the newest gets copies; the older keeps
+    its slot, so what it still decrypts is forwarded and counted until it goes."""
+    newest: dict[tuple[str, tuple[IPv4Network, ...]], tuple[int, int]] = {}
+    for slot, state in desired.slots.items():
+        child = state.children[0]
+        key = (child.remote_id, child.remote_ts)
+        if key not in newest or child.unique_id > newest[key][0]:
+            newest[key] = (child.unique_id, slot)
+    keep = {slot for _uid, slot in newest.values()}
+    for slot, state in list(desired.slots.items()):
+        if slot not in keep:
+            desired.slots[slot] = replace(state, entry=replace(state.entry, copies=False))

@@ -44,7 +44,7 @@ import vici
 
 from forecast.lab import conns, ipsec_state, netns
 from forecast.lab.daemon_run import LabDaemon
-from forecast.lab.pktgen import Flow, Pktgen, multicast_mac
+from forecast.lab.pktgen import Flow, Pktgen, bridged_device, multicast_mac
 from forecast.lab.topology import Host, Topology
 
 GROUP = "224.0.0.251"  # mDNS: in both forwarders' default groups
@@ -110,26 +110,6 @@ def background(seconds: float) -> tuple[Cpu, Cpu]:
     return (lab1 - lab0).scaled(1 / seconds), (gw1 - gw0).scaled(1 / seconds)
 
 
-# -- the sender's wire -------------------------------------------------------------------------
-def lan_sender(ns: str) -> str:
-    """A device for pktgen on the LAN host, behind a bridge in front of its LAN device.
-
-    pktgen keeps a reference to every frame it sends, and a shared frame must never reach the
-    gateway: a TC program that clones it (bpf_clone_redirect makes the original writable)
-    would crash the kernel, which no real NIC can cause. A bridge port takes its own copy of
-    a shared frame (skb_share_check), so the gateway receives frames as from a wire."""
-    for argv in (
-        ["ip", "link", "add", "pg0", "type", "veth", "peer", "name", "pg1"],
-        ["ip", "link", "add", "lanbr", "type", "bridge", "mcast_snooping", "0"],
-        ["ip", "link", "set", "pg1", "master", "lanbr", "up"],
-        ["ip", "link", "set", "eth0", "master", "lanbr"],
-        ["ip", "link", "set", "lanbr", "up"],
-        ["ip", "link", "set", "pg0", "up"],
-    ):
-        netns.run(argv, netns=ns)
-    return "pg0"
-
-
 # -- one CPU for the gateway -------------------------------------------------------------------
 def _rps(ns: str, device: str, cpu: int) -> None:
     # `ip netns exec` mounts the namespace's own sysfs, where its devices' queues are.
@@ -158,13 +138,6 @@ def steer(topo: Topology) -> None:
 
 
 # -- counting at the clients -------------------------------------------------------------------
-def udp_counters(ns: str) -> dict[str, int]:
-    with netns.entered(ns):
-        text = Path("/proc/thread-self/net/snmp").read_text()
-    names, values = (ln.split()[1:] for ln in text.splitlines() if ln.startswith("Udp:"))
-    return dict(zip(names, (int(v) for v in values), strict=True))
-
-
 def join_group(host: Host) -> socket.socket:
     """A socket in `host` joined to GROUP on its WAN device (where decrypted copies arrive),
     bound to another port: the kernel accepts the copies and counts them, nobody reads them."""
@@ -179,7 +152,7 @@ def join_group(host: Host) -> socket.socket:
 
 
 def counted(hosts: list[Host], field: str) -> dict[str, int]:
-    return {h.name: udp_counters(h.netns)[field] for h in hosts}
+    return {h.name: netns.udp_counters(h.netns)[field] for h in hosts}
 
 
 # -- clients -----------------------------------------------------------------------------------
@@ -228,7 +201,7 @@ class Bench:
         self.topo = topo
         self.forwarder = forwarder
         self.step_seconds = step_seconds
-        self.gen = Pktgen(topo.lan_host.netns, lan_sender(topo.lan_host.netns))
+        self.gen = Pktgen(topo.lan_host.netns, bridged_device(topo.lan_host.netns))
         mac_file = f"/sys/class/net/{topo.gw_lan_if}/address"
         self.gw_mac = netns.run(["cat", mac_file], netns=topo.gateway.netns).stdout.strip()
         steer(topo)
@@ -381,15 +354,17 @@ def _stamp(ancdata: list[tuple[int, int, bytes]]) -> float:
     return time.time()
 
 
-def first_copy(host: Host, port: int, timeout: float, ready: threading.Event) -> float:
-    """When the first datagram to GROUP:port reached `host`'s socket (kernel time; nan on
+def first_copy(
+    host: Host, port: int, timeout: float, ready: threading.Event, group: str = GROUP
+) -> float:
+    """When the first datagram to group:port reached `host`'s socket (kernel time; nan on
     timeout): the copy decrypted and delivered."""
     with netns.entered(host.netns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("", port))
         mreq = struct.pack(
-            "4s4si", socket.inet_aton(GROUP), bytes(4), socket.if_nametoindex("eth0")
+            "4s4si", socket.inet_aton(group), bytes(4), socket.if_nametoindex("eth0")
         )
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
     sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)

@@ -41,6 +41,9 @@ def render_strongswan_conf(
   ikesa_table_segments = 16
   dos_protection = no
   block_threshold = 1000
+  # Reauthentication builds the new IKE_SA and its children before deleting the old ones (the
+  # default of strongSwan 6): break-before-make loses traffic for a round trip, any forwarder.
+  make_before_break = yes
   filelog {{
     lab {{
       path = {workdir}/charon.log

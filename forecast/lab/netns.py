@@ -8,6 +8,7 @@ import os
 import secrets
 import subprocess
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
@@ -112,3 +113,11 @@ def list_with_prefix(prefix: str) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(n for n in names if n.startswith(prefix))
+
+
+def udp_counters(ns: str) -> dict[str, int]:
+    """The namespace's UDP counters (/proc/net/snmp)."""
+    with entered(ns):
+        text = Path("/proc/thread-self/net/snmp").read_text()
+    names, values = (ln.split()[1:] for ln in text.splitlines() if ln.startswith("Udp:"))
+    return dict(zip(names, (int(v) for v in values), strict=True))

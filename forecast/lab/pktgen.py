@@ -59,6 +59,25 @@ def multicast_mac(group: str) -> str:
     return f"01:00:5e:{b & 0x7F:02x}:{c:02x}:{d:02x}"
 
 
+def bridged_device(ns: str) -> str:
+    """A device for pktgen on the LAN host, behind a bridge in front of its LAN device.
+
+    pktgen keeps a reference to every frame it sends, and a shared frame must never reach the
+    gateway: a TC program that clones it (bpf_clone_redirect makes the original writable)
+    would crash the kernel, which no real NIC can cause. A bridge port takes its own copy of
+    a shared frame (skb_share_check), so the gateway receives frames as from a wire."""
+    for argv in (
+        ["ip", "link", "add", "pg0", "type", "veth", "peer", "name", "pg1"],
+        ["ip", "link", "add", "lanbr", "type", "bridge", "mcast_snooping", "0"],
+        ["ip", "link", "set", "pg1", "master", "lanbr", "up"],
+        ["ip", "link", "set", "eth0", "master", "lanbr"],
+        ["ip", "link", "set", "lanbr", "up"],
+        ["ip", "link", "set", "pg0", "up"],
+    ):
+        netns.run(argv, netns=ns)
+    return "pg0"
+
+
 class Pktgen:
     """pktgen on `device` inside namespace `ns` (each namespace has its own pktgen threads)."""
 

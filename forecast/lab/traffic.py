@@ -8,6 +8,7 @@ namespace; the functions below drive them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import select
 import signal
@@ -22,6 +23,8 @@ from typing import Any
 
 MAX_RECEIVE_SECONDS = 900.0  # the longest lab scenario (systemd lifecycle) runs ~5 min
 MAX_SEND_COUNT = 100_000
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+PKTGEN_MAGIC = bytes.fromhex("be9be955")
 
 
 @dataclass
@@ -55,6 +58,10 @@ def _ifindex(name: str) -> int:
 def receive_main(args: argparse.Namespace) -> int:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Room for seconds of traffic: under emulation this reader can fall behind a 1,000/s
+    # sender, and a copy lost in its queue would be blamed on the forwarder.
+    with contextlib.suppress(PermissionError):
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
     sock.bind(("", args.port))
     for group in args.group:
         # ip_mreqn: join on the named interface (on a client that is the WAN device the
@@ -79,8 +86,14 @@ def receive_main(args: argparse.Namespace) -> int:
         ready, _, _ = select.select([sock], [], [], 0.05)
         if not ready:
             continue
-        data, (src, _port) = sock.recvfrom(65535)
-        payload = data.decode(errors="replace")
+        data, (src, sport) = sock.recvfrom(65535)
+        if args.pktgen:
+            # pktgen's own header: magic, then its sequence number; the source port tags the run
+            if data[:4] != PKTGEN_MAGIC:
+                continue
+            payload = f"p{sport} {struct.unpack_from('!I', data, 4)[0]}"
+        else:
+            payload = data.decode(errors="replace")
         counts[payload] += 1
         sources[payload] = src
     print(json.dumps({"counts": counts, "sources": sources}), flush=True)
@@ -129,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--group", action="append", default=[])
     r.add_argument("--iface", default="eth0")
     r.add_argument("--seconds", type=float, default=30.0)
+    r.add_argument("--pktgen", action="store_true", help="count pktgen frames (p<sport> <seq>)")
     s = sub.add_parser("send")
     s.add_argument("--dst", required=True)
     s.add_argument("--port", type=int, required=True)
@@ -161,7 +175,9 @@ class Receiver:
         iface: str = "eth0",
         seconds: float = 60.0,
         wait: bool = True,
+        pktgen: bool = False,
     ) -> None:
+        """pktgen: count the kernel packet generator's frames, tagged `p<source port>`."""
         argv = [
             *_in_netns(netns),
             "recv",
@@ -174,6 +190,8 @@ class Receiver:
         ]
         for g in groups:
             argv += ["--group", g]
+        if pktgen:
+            argv.append("--pktgen")
         self.netns = netns
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

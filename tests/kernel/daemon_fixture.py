@@ -34,6 +34,8 @@ def _spawn(gw: str, cfg_path: Path, log: Path, env: dict[str, str] | None) -> su
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        # The most permissive umask: what the daemon keeps private it must make so itself.
+        umask=0,
     )
 
 

@@ -53,6 +53,16 @@ def test_connect_rekey_disconnect_stop(running: Running) -> None:
         (tc.DEFAULT_PRIO, f"fc_tunnel_ingress-{build}")
     ]
 
+    # Root's alone, though the daemon was started with umask 0: the state file (every peer's
+    # identity), its lock, the pin directory and every map and program pinned in it.
+    private = [running.state_file, running.state_file.with_suffix(".lock"), running.pin_dir]
+    private += sorted(running.pin_dir.rglob("*"))
+    modes = {str(p): p.stat().st_mode & 0o777 for p in private}
+    assert len(modes) > 10 and all(m & 0o077 == 0 for m in modes.values()), modes
+    # The metrics endpoint listens on loopback only (the default).
+    listening = netns.run(["ss", "-Hltn"], netns=running.gw).stdout.split("\n")
+    assert [ln.split()[3] for ln in listening if ":9719" in ln] == ["127.0.0.1:9719"]
+
     # Groups joined on the LAN interface (IGMP-snooping switches then deliver them).
     maddr = netns.run(["ip", "maddr", "show", "dev", "eth1"], netns=running.gw).stdout
     for group in ("224.0.0.251", "224.0.0.252", "239.255.255.250"):

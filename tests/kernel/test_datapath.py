@@ -95,3 +95,24 @@ def test_cleared_slot_gets_nothing_and_a_reused_slot_starts_from_zero(gateway: G
     gateway.datapath.write_sa(1, SaEntry(0x21, 0x21, (IPv4Network("224.0.0.0/4"),)))
     assert gateway.datapath.sync_targets()
     assert gateway.datapath.counters([1])[1].by_direction[Direction.LAN_TO_SA].packets == 0
+
+
+def test_a_slot_without_copies_still_forwards_what_it_decrypts(gateway: Gateway) -> None:
+    """An SA superseded by a newer one to the same peer (desired.py): on no target list, still
+    the origin of what the client sends on it."""
+    add_sas(gateway)
+    mc = IPv4Network("224.0.0.0/4")
+    entries = {
+        0: SaEntry(0x11, 0x11, (mc,), reinject=True, copies=False),
+        1: SaEntry(0x12, 0x12, (mc,), reinject=True),
+    }
+    for slot, entry in entries.items():
+        gateway.datapath.write_sa(slot, entry)
+    gateway.datapath.write_sa(5, None)
+    assert gateway.datapath.publish_targets(entries)
+    lan_rx = traffic.Receiver(gateway.lan, PORT, [GROUP])
+    traffic.send(gateway.lan, GROUP, PORT, "down", 4, iface="eth0", pad=PAD)
+    traffic.send(gateway.gw, GROUP, PORT, "up", 3, iface="xfpeer", mark=0x11, pad=PAD)
+    time.sleep(0.3)
+    assert lan_rx.stop().exactly_once("up", 3)  # slot 0's decrypted traffic reached the LAN
+    assert fcrules(gateway) == {0x11: 0, 0x12: 4 + 3, 0x13: 0, 0: 0}

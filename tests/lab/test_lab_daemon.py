@@ -28,7 +28,11 @@ def test_daemon_three_clients(lab: LabRunner) -> None:
         script_args=("rw-nobcast",),
     )
     _all_ok(run)
-    assert len(run.results) == 14
+    assert len(run.results) == 16
+    # LAN protection with real ESP: c1's OSPF reached nobody, and its SA counted both refusals.
+    ospf = run.result("c1 -> 224.0.0.5 reaches [] once")["detail"]
+    assert {"c2", "c3", "lan"} <= set(ospf) and all(v["received"] == 0 for v in ospf.values())
+    assert run.result("c1's OSPF packets are counted")["ok"]
     bc = run.result("LAN -> 10.1.255.255")["detail"]
     assert bc["c1"]["received"] == bc["c2"]["received"] == COUNT
     assert bc["c3"]["received"] == 0  # its SA never negotiated the broadcast

@@ -46,5 +46,8 @@ def test_package_lifecycle_under_systemd(lab_systemd: LabRunner, tmp_path: Path)
     for tag in ("reload", "restart", "upgrade", "crash", "watchdog"):
         assert f"{tag}: every copy reached every client exactly once" in names
     assert names[-1] == "purge: nothing of forecast-bpf left in the kernel"
+    # Every capability in the unit was measured as needed (a cold start without it fails).
+    caps = run.result("least privilege")["detail"]
+    assert caps["needed"] == caps["bounding_set"] and caps["trials"]["none taken (legacy)"]["works"]
     copies = run.result("restart: every copy")["detail"]
     assert all(c["lost"] == 0 and c["sent"] == 2000 for c in copies.values())

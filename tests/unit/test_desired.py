@@ -142,3 +142,19 @@ def test_render_is_one_transaction_of_our_chains(fixtures_dir: Path) -> None:
         '-d 10.1.0.129/32 -m comment --comment "forecast-bpf rw/rw #2 c1@probe" -j MARK '
         "--set-xmark 0x2/0xffffffff" in text
     )
+
+
+def test_a_peer_with_two_sas_gets_copies_through_the_newest_only(fixtures_dir: Path) -> None:
+    """Make-before-break reauthentication: a new IKE_SA and CHILD_SA (new mark) for the same
+    identity and addresses while the old one still exists."""
+    old = next(c for c in _children(fixtures_dir, "004") if c.remote_id == "c1@probe")
+    new = replace(old, unique_id=old.unique_id + 10, mark_in=9, mark_out=9, spi_in=0x1234)
+    other = next(c for c in _children(fixtures_dir, "004") if c.remote_id == "c2@probe")
+    d = desired.compute([old, new, other], CFG, BCAST, {})
+    by_mark = {st.entry.mark_in: st.entry for st in d.slots.values()}
+    assert len(by_mark) == 3
+    assert by_mark[9].copies and by_mark[other.mark_in].copies
+    assert not by_mark[old.mark_in].copies  # still in the table: its traffic is forwarded
+    # Once the old one is gone, the new one alone, with copies.
+    after = desired.compute([new, other], CFG, BCAST, {})
+    assert all(st.entry.copies for st in after.slots.values())

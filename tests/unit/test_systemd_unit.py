@@ -55,14 +55,8 @@ def test_unit_is_notify_with_a_watchdog_and_bounded_capabilities() -> None:
     assert "Type=notify" in text and "WatchdogSec=" in text
     assert "After=strongswan.service" in text
     caps = next(line for line in text.splitlines() if line.startswith("CapabilityBoundingSet="))
-    assert set(caps.split("=")[1].split()) == {
-        "CAP_BPF",
-        "CAP_PERFMON",
-        "CAP_NET_ADMIN",
-        "CAP_NET_RAW",
-        "CAP_SYS_ADMIN",
-        "CAP_SYS_RESOURCE",
-    }
+    # The three the lab measured as needed (tests/lab/scripts/systemd_lifecycle.py).
+    assert set(caps.split("=")[1].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"}
 
 
 def test_restart_keeps_what_the_next_daemon_adopts() -> None:

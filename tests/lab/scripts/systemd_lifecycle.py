@@ -3,7 +3,8 @@ of the lab VM), on the lab gateway, while the LAN sends multicast at 200 packets
 client and each client counts every copy by sequence number.
 
 install → start → reload → restart → upgrade (a second build of the package) → kill -9 →
-watchdog (a hung daemon; an SA ends meanwhile) → stop → purge. After every step the kernel
+watchdog (a hung daemon; an SA ends meanwhile) → each capability taken away in turn (a cold start
+without it must fail; CAP_NET_RAW with iptables-legacy) → stop → purge. After every step the kernel
 holds exactly the live SAs (slots, MARK rules, routes, filters, pins); after stop and purge
 nothing is left. Prints one RESULT line per check; exits 1 on failure.
 
@@ -139,9 +140,8 @@ def kernel_state() -> dict[str, Any]:
 ROLES = ("lan", "tunnel")
 
 
-def state_is_live(step: str) -> None:
-    """The kernel holds exactly the live SAs: same VIPs in slots, rules, routes; one build's
-    filters on both devices and only that build's pins."""
+def kernel_is_live() -> tuple[bool, list[str], dict[str, Any]]:
+    """(ok, the live VIPs, what the kernel holds): see state_is_live."""
     want = sorted(live_vips())
     k = kernel_state()
     builds = {name.rsplit("-", 1)[-1] for names in k["filters"].values() for name in names}
@@ -157,7 +157,44 @@ def state_is_live(step: str) -> None:
             [*maps, *(f"{kind}-{build}-{role}" for kind in ("prog", "chain") for role in ROLES)]
         )
     )
+    return ok, want, k
+
+
+def state_is_live(step: str) -> None:
+    """The kernel holds exactly the live SAs: same VIPs in slots, rules, routes; one build's
+    filters on both devices and only that build's pins."""
+    ok, want, k = kernel_is_live()
     report(f"{step}: the kernel holds exactly the live SAs", ok, {"live": want, **k})
+
+
+CAPS_DROPIN = DROPIN.with_name("caps.conf")
+
+
+def without_capability(cap: str, bounding: list[str]) -> dict[str, Any]:
+    """A cold start (stop removes the data path; start compiles, pins, attaches, applies the
+    snapshot) with `cap` taken out of the unit's bounding set: does it come up whole?"""
+    CAPS_DROPIN.write_text(
+        "[Service]\nCapabilityBoundingSet=\n"
+        f"CapabilityBoundingSet={' '.join(c for c in bounding if c != cap)}\n"
+    )
+    sh("systemctl", "daemon-reload")
+    sh("systemctl", "stop", UNIT)
+    since = len(journal())
+    started = (
+        subprocess.run(
+            ["systemctl", "start", UNIT], capture_output=True, text=True, timeout=180
+        ).returncode
+        == 0
+    )
+    time.sleep(1.0)  # a failure right after READY would show now
+    status = subprocess.run(["forecast-bpf", "status", "--json"], capture_output=True, text=True)
+    errors = json.loads(status.stdout)["daemon"]["sync_errors"] if status.returncode == 0 else None
+    ok = started and prop("ActiveState") == "active" and errors == 0 and kernel_is_live()[0]
+    log = journal()[since:]
+    sh("systemctl", "stop", UNIT, check=False)
+    sh("systemctl", "reset-failed", UNIT, check=False)
+    why = [ln for ln in log.splitlines() if "rror" in ln or "denied" in ln or "EPERM" in ln]
+    return {"works": ok, "started": started, "sync_errors": errors, "why": why[:3]}
 
 
 def nothing_left(step: str) -> None:
@@ -379,6 +416,40 @@ try:
             ok &= lost == 0 and dup == 0
         report(f"{tag}: every copy reached every client exactly once", ok, per_client)
 
+    # -- least privilege: each capability taken away in turn --------------------------------
+    bounding = sorted(prop("CapabilityBoundingSet").split())
+    # iptables-legacy talks to the kernel through a raw socket: the one use of CAP_NET_RAW, so
+    # that one is taken away with legacy (iptables-nft comes up without it), the others with nft.
+    trials = {
+        f"{cap} (nf_tables)": without_capability(cap, bounding)
+        for cap in bounding
+        if cap != "cap_net_raw"
+    }
+    if "cap_net_raw" in bounding:
+        switch = ["update-alternatives", "--quiet", "--set", "iptables"]
+        sh(*switch, "/usr/sbin/iptables-legacy")
+        try:
+            trials["cap_net_raw (legacy)"] = without_capability("cap_net_raw", bounding)
+            # The control: with all three, legacy comes up whole.
+            trials["none taken (legacy)"] = without_capability("", bounding)
+        finally:
+            sh(*switch, "/usr/sbin/iptables-nft")
+    CAPS_DROPIN.unlink()
+    sh("systemctl", "daemon-reload")
+    sh("systemctl", "start", UNIT)
+    needed = {
+        cap
+        for cap in bounding
+        if any(not t["works"] for name, t in trials.items() if name.startswith(cap + " "))
+    }
+    report(
+        "least privilege: each capability of the unit is one a cold start fails without "
+        "(CAP_NET_RAW: with iptables-legacy, which comes up with all three)",
+        needed == set(bounding) and trials.get("none taken (legacy)", {}).get("works", False),
+        {"bounding_set": bounding, "needed": sorted(needed), "trials": trials},
+    )
+    state_is_live("all capabilities back")
+
     # -- stop, then purge: nothing left ----------------------------------------------------
     sh("systemctl", "stop", UNIT)
     report(
@@ -417,6 +488,7 @@ except Exception as exc:  # a scenario step failed: say which, with the journal
 finally:
     for r in receivers.values():
         r.stop()
+    CAPS_DROPIN.unlink(missing_ok=True)
     if DROPIN.exists():
         subprocess.run(["systemctl", "stop", UNIT], check=False, capture_output=True)
 
