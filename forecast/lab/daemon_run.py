@@ -66,7 +66,18 @@ class LabDaemon:
         returns seconds."""
         t0 = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "forecast", "run", "--config", str(self.config)],
+            # At the unit's priority (Nice=10): packet processing comes first.
+            [
+                "nice",
+                "-n",
+                "10",
+                sys.executable,
+                "-m",
+                "forecast",
+                "run",
+                "--config",
+                str(self.config),
+            ],
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
         )

@@ -54,6 +54,7 @@ def test_unit_is_notify_with_a_watchdog_and_bounded_capabilities() -> None:
     text = UNIT.read_text()
     assert "Type=notify" in text and "WatchdogSec=" in text
     assert "After=strongswan.service" in text
+    assert re.search(r"^Nice=([1-9]|1[0-9])$", text, re.M)  # below packet processing (softirq)
     caps = next(line for line in text.splitlines() if line.startswith("CapabilityBoundingSet="))
     # The three the lab measured as needed (tests/lab/scripts/systemd_lifecycle.py).
     assert set(caps.split("=")[1].split()) == {"CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_SYS_ADMIN"}
