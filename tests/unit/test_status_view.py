@@ -86,3 +86,35 @@ def test_watch_height_keeps_header_totals_and_footer(snap: status.Snapshot) -> N
     assert lines[0].lstrip().startswith("SLOT") or "ID" in lines[0]
     assert f"{N - (30 - 3 - 8)} of {N} SAs not shown (--match, --sort, --top N)" in lines
     assert lines[-1].startswith("... and 4 more ignored SAs")
+
+
+def test_drops_per_sa_and_who_is_over_its_rate() -> None:
+    def with_drops(i: int, storm: int, group: int) -> dict[str, object]:
+        sa = _sa(i)
+        sa["drops"] = {"storm": storm, "group_to_lan": group, "group_to_sas": 0, "clone": 0}
+        return sa
+
+    sas = [
+        with_drops(i, storm, group)
+        for i, (storm, group) in enumerate([(0, 0), (5, 2), (900, 0), (0, 7), (40, 0), (3, 0)])
+    ]
+    doc = {
+        "daemon": {"running": True, "pid": 1, "vici_connected": True, "sync_errors": 0},
+        "sas": sas,
+        "totals": {k: {"packets": 0, "bytes": 0} for k in ("lan_to_sa", "sa_to_lan", "sa_to_sa")},
+        "drops": {"storm_sa": 948, "group_to_lan": 9},
+        "ignored": {},
+    }
+    out = status.render_table(status.Snapshot(doc), view=status.View(width=220, sort="slot"))
+    lines = out.splitlines()
+    header = lines[0].split()
+    assert header[-1] == "DROPS"
+    assert [ln.split()[-1] for ln in lines[1:7]] == ["0", "7", "900", "7", "40", "3"]
+    assert lines[7].split()[-1] == "957"  # the totals row
+    assert "drops: storm_sa 948, group_to_lan 9" in out
+    # The three busiest floods, busiest first, and how many more.
+    assert (
+        "over their rate: #10002 client0002@roadwarriors.example.com 900, "
+        "#10004 client0004@roadwarriors.example.com 40, "
+        "#10001 client0001@roadwarriors.example.com 5 and 1 more"
+    ) in out
