@@ -27,6 +27,7 @@ from forecast import bpf_build, layout, tc
 from forecast.datapath import Datapath, DatapathConfig, SaEntry
 from forecast.lab import netns, traffic
 from forecast.layout import Direction
+from tests.kernel.veth_gateway import stand_in_gateway
 
 GROUP = "224.0.0.251"
 PORT = 5353
@@ -59,15 +60,8 @@ class ScaleGateway:
 @pytest.fixture
 def scale_gw(run_prefix: str, tmp_path: Path) -> Iterator[ScaleGateway]:
     gw, lan = f"{run_prefix}-sg", f"{run_prefix}-sl"
-    pins = tmp_path / "bpffs"
-    pins.mkdir()
-    netns.create(gw)
-    netns.create(lan)
-    subprocess.run(["mount", "-t", "bpf", "bpf", str(pins)], check=True)
-    datapath = Datapath(pins / "forecast")
-    try:
-        netns.add_veth("lan0", gw, "eth0", lan)
-        netns.add_veth("xf0", gw, "xfpeer", gw)
+    # The witness goes with its device, when the namespace goes.
+    with stand_in_gateway(tmp_path, gw, lan) as datapath:
         for ns, dev, cidr in ((gw, "lan0", "10.7.0.1/16"), (lan, "eth0", "10.7.0.2/16")):
             netns.run(["ip", "addr", "add", cidr, "brd", "+", "dev", dev], netns=ns)
             netns.run(["ip", "link", "set", dev, "up"], netns=ns)
@@ -90,11 +84,6 @@ def scale_gw(run_prefix: str, tmp_path: Path) -> Iterator[ScaleGateway]:
         fn = witness.load_func(b"witness", BPF.SCHED_CLS)
         tc.attach(netns.ifindex(gw, "xf0"), fn.fd, "witness", netns=gw, parent=tc.EGRESS)
         yield ScaleGateway(gw, lan, datapath, witness)
-    finally:
-        datapath.remove()
-        netns.delete(gw)  # the witness goes with its device
-        netns.delete(lan)
-        subprocess.run(["umount", str(pins)], check=False)
 
 
 def _entry(slot: int) -> SaEntry:

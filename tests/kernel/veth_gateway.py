@@ -13,6 +13,7 @@ The counting is iptables', not ours: an independent witness of every copy and it
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import subprocess
@@ -50,19 +51,32 @@ class Gateway:
         self.datapath.write_config(self.config)
 
 
-@pytest.fixture
-def gateway(run_prefix: str, tmp_path: Path) -> Iterator[Gateway]:
-    gw, lan = f"{run_prefix}-dg", f"{run_prefix}-dl"
+@contextlib.contextmanager
+def stand_in_gateway(tmp_path: Path, gw: str, lan: str) -> Iterator[Datapath]:
+    """Namespaces `gw` and `lan` joined lan0 ── eth0, the stand-in XFRM pair xf0 ── xfpeer in
+    `gw`, and a data path (not loaded yet) pinned in a private bpffs. Everything goes at the end,
+    whatever the test did (the pins with the unmount)."""
     pins = tmp_path / "bpffs"
     pins.mkdir()
     netns.create(gw)
     netns.create(lan)
-    # A private bpffs instance: the pins vanish with the unmount, whatever the test did.
     subprocess.run(["mount", "-t", "bpf", "bpf", str(pins)], check=True)
     datapath = Datapath(pins / "forecast")
     try:
         netns.add_veth("lan0", gw, "eth0", lan)
         netns.add_veth("xf0", gw, "xfpeer", gw)
+        yield datapath
+    finally:
+        datapath.remove()
+        netns.delete(gw)
+        netns.delete(lan)
+        subprocess.run(["umount", str(pins)], check=False)
+
+
+@pytest.fixture
+def gateway(run_prefix: str, tmp_path: Path) -> Iterator[Gateway]:
+    gw, lan = f"{run_prefix}-dg", f"{run_prefix}-dl"
+    with stand_in_gateway(tmp_path, gw, lan) as datapath:
         for ns, dev, cidr in (
             (gw, "lan0", "10.9.0.1/16"),
             (lan, "eth0", "10.9.0.2/16"),
@@ -101,11 +115,6 @@ def gateway(run_prefix: str, tmp_path: Path) -> Iterator[Gateway]:
         tc.attach(ifindex["lan0"], datapath.fds["lan"], "fc_lan_ingress", netns=gw)
         tc.attach(ifindex["xf0"], datapath.fds["tunnel"], "fc_tunnel_ingress", netns=gw)
         yield Gateway(gw, lan, datapath, ifindex, config)
-    finally:
-        datapath.remove()
-        netns.delete(gw)
-        netns.delete(lan)
-        subprocess.run(["umount", str(pins)], check=False)
 
 
 def add_sas(gateway: Gateway) -> None:
