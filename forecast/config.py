@@ -15,6 +15,7 @@ DEFAULT_PATH = Path("/etc/forecast-bpf/forecast-bpf.yaml")
 # The plugin's default: host multicasts, IGMP, mDNS, LLMNR, SSDP/WS-Discovery.
 DEFAULT_GROUPS = ("224.0.0.1", "224.0.0.22", "224.0.0.251", "224.0.0.252", "239.255.255.250")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+NETFILTER_BACKENDS = ("auto", "nftables", "iptables")
 IFNAMSIZ = 15
 
 
@@ -78,6 +79,8 @@ class Config:
     # Per-SA series (6 per SA: packets and bytes, 3 directions); per-connection sums always.
     metrics_per_sa: bool = True
     log_level: str = "info"
+    # Where the MARK rules go: "nftables", "iptables" or "auto" (what the host uses).
+    netfilter: str = "auto"
     pin_dir: Path = Path("/sys/fs/bpf/forecast-bpf")
     # What `status` reads besides the pinned maps: which SA each slot holds.
     state_file: Path = Path("/run/forecast-bpf/state.json")
@@ -94,6 +97,7 @@ KEYS = {
     "metrics_address",
     "metrics_per_sa",
     "log_level",
+    "netfilter",
     "pin_dir",
     "state_file",
 }
@@ -299,6 +303,13 @@ def parse(data: Any, source: str = "<config>") -> Config:
                 f"{source}: log_level: {level!r} is not one of {', '.join(LOG_LEVELS)}"
             )
         kw["log_level"] = level
+    if "netfilter" in data:
+        backend = data["netfilter"]
+        if backend not in NETFILTER_BACKENDS:
+            raise ConfigError(
+                f"{source}: netfilter: {backend!r} is not one of {', '.join(NETFILTER_BACKENDS)}"
+            )
+        kw["netfilter"] = backend
     if "pin_dir" in data:
         kw["pin_dir"] = _path(f"{source}: pin_dir", data["pin_dir"])
     if "state_file" in data:

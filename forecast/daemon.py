@@ -135,7 +135,7 @@ class Daemon:
         self.xfrm: links.XfrmInterface | None = xfrm
         self.lan: links.LanInterface | None = None
         self.datapath: Datapath | None = None
-        self.rules: netfilter.Rules | None = None
+        self.rules: netfilter.RuleSet | None = None
         self.groups: links.GroupMemberships | None = None
         self.bpffs_mounted: Path | None = None  # by this daemon or the one it took over from
         self.hooks: dict[str, int] = {}  # role → ifindex of the device its filter sits on
@@ -192,12 +192,8 @@ class Daemon:
             self._load_datapath()
             self._attach_filters()
             self._join_groups(previous)
-            self.rules = netfilter.Rules()
-            log.info(
-                "netfilter back end: iptables (%s), chains %s",
-                self.rules.backend.variant,
-                ", ".join(netfilter.CHAINS.values()),
-            )
+            self.rules = netfilter.choose(cfg.netfilter)
+            log.info("netfilter back end: %s", self.rules.detail)
             try:
                 _thread, self.metrics_server = metrics.serve(self, cfg.metrics_address)
             except OSError as exc:
@@ -324,8 +320,11 @@ class Daemon:
                 self._swap_pending_filters()
             marks.append(time.monotonic())
             if d.rules != self.rules_applied:
+                whole = self.rules_applied is None
                 self.rules.apply(d.rules, known=self.rules_applied)
                 self.rules_applied = list(d.rules)
+                if whole:
+                    self._clear_other_backends()
             marks.append(time.monotonic())
             if self.routes_applied is None or set(d.routes) != self.routes_applied:
                 added, removed = links.sync_routes(
@@ -358,6 +357,15 @@ class Daemon:
         if d.waiting and freed:
             self.reconcile()  # the slots just cleared are free now
 
+    def _clear_other_backends(self) -> None:
+        """Rules the other back end holds (a previous version's, a changed `netfilter`) go
+        once ours are in: the marks were never missing meanwhile."""
+        assert self.rules
+        for other in netfilter.others(self.rules):
+            if other.present():
+                other.remove()
+                log.info("removed the MARK rules left in %s", other.detail)
+
     def _read_back(self) -> None:
         """Replace what memory says was applied by what the kernel holds; log any drift."""
         assert self.datapath and self.rules and self.datapath.targets
@@ -371,7 +379,7 @@ class Daemon:
             self.rules.signatures() != Counter(map(netfilter.signature, self.rules_applied))
             or not self.rules.hooked()
         ):
-            log.warning("our MARK chains were changed by someone else: rewriting them")
+            log.warning("our MARK rules were changed by someone else: rewriting them")
             self.rules_applied = None
         self.routes_applied = None  # sync_routes reads the kernel's routes itself
         dp = self.datapath
@@ -631,7 +639,7 @@ class Daemon:
                 for index in reversed(self.hooks.values())
             ]
             if self.rules is not None:
-                steps.append(("MARK chains", self.rules.remove))
+                steps.append(("MARK rules", self.rules.remove))
             if self.xfrm is not None:
                 steps.append(("routes", partial(links.sync_routes, [], self.xfrm.index)))
             if self.groups is not None:
@@ -666,10 +674,7 @@ def remove_left_datapath(cfg: Config) -> list[str]:
     for ifindex in sorted(hooks):
         if tc.our_filter(ifindex) and tc.detach(ifindex):
             removed.append(f"tc filter on ifindex {ifindex}")
-    rules = netfilter.Rules()
-    if rules.present():
-        rules.remove()
-        removed.append("MARK chains")
+    removed += netfilter.remove_all()
     _added, routes = links.sync_routes([], 0)
     removed += [f"route {net}" for net in sorted(routes, key=str)]
     if cfg.pin_dir.exists():

@@ -20,12 +20,25 @@ CACHE_SIZE = 2 * layout.FC_MAX_SAS  # two children per slot while a rekey settle
 LIMITED_BROADCAST = IPv4Address("255.255.255.255")
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
+class RuleMatch:
+    """What a MARK rule matches, all of the fields that are set; each netfilter back end
+    spells it its own way (forecast/rules_iptables.py, forecast/rules_nft.py)."""
+
+    src: IPv4Network | None = None
+    dst: IPv4Network | None = None
+    proto: str | None = None  # "esp" (with spi) or "udp" (with both ports)
+    spi: int | None = None
+    sport: int | None = None
+    dport: int | None = None
+
+
+@dataclass(frozen=True)
 class MarkRule:
-    """One MARK rule in our mangle chains: `chain` is PREROUTING or OUTPUT (the hook)."""
+    """One MARK rule of ours: `chain` is the hook, PREROUTING or OUTPUT."""
 
     chain: str
-    match: tuple[str, ...]
+    match: RuleMatch
     mark: int
     comment: str
 
@@ -122,41 +135,27 @@ def assign_slots(
 
 
 def _rule_safe(text: str, limit: int) -> str:
-    """What of a name may stand in an iptables comment: ASCII letters, digits and a few marks.
+    """What of a name may stand in a rule comment: ASCII letters, digits and a few marks.
     A quote or a newline here would end the comment inside an iptables-restore line."""
     return "".join(c for c in text if c.isascii() and (c.isalnum() or c in "@.-_:+=,"))[:limit]
 
 
 @lru_cache(maxsize=CACHE_SIZE)
 def _comment(child: ChildSa) -> str:
-    # At most 13 + 48 + 1 + 48 + 12 + 40 characters: below iptables' 255.
-    ike, name = _rule_safe(child.ike_name, 48), _rule_safe(child.child_name, 48)
-    return f"forecast-bpf {ike}/{name} #{child.unique_id} {_rule_safe(child.remote_id, 40)}"
+    # At most 13 + 32 + 1 + 32 + 12 + 32 characters: below nftables' 128 (iptables: 255).
+    ike, name = _rule_safe(child.ike_name, 32), _rule_safe(child.child_name, 32)
+    return f"forecast-bpf {ike}/{name} #{child.unique_id} {_rule_safe(child.remote_id, 32)}"
 
 
 @lru_cache(maxsize=CACHE_SIZE)
 def _inbound_rule(child: ChildSa) -> MarkRule | None:
     if child.remote_host is None or child.local_host is None:
         return None
-    peer, local = f"{child.remote_host}/32", f"{child.local_host}/32"
-    match: tuple[str, ...]
+    peer, local = IPv4Network(child.remote_host), IPv4Network(child.local_host)
     if child.encap:
-        match = (
-            "-s",
-            peer,
-            "-d",
-            local,
-            "-p",
-            "udp",
-            "-m",
-            "udp",
-            "--sport",
-            str(child.remote_port),
-            "--dport",
-            str(child.local_port),
-        )
+        match = RuleMatch(peer, local, "udp", sport=child.remote_port, dport=child.local_port)
     else:
-        match = ("-s", peer, "-d", local, "-p", "esp", "-m", "esp", "--espspi", str(child.spi_in))
+        match = RuleMatch(peer, local, "esp", spi=child.spi_in)
     return MarkRule("PREROUTING", match, child.mark_in, _comment(child))
 
 
@@ -165,7 +164,7 @@ def _unicast_rules(child: ChildSa, lan_broadcast: IPv4Address | None) -> tuple[M
     """Traffic to the client's unicast selectors gets its outbound mark, whether forwarded
     (PREROUTING) or from the gateway itself (OUTPUT)."""
     return tuple(
-        MarkRule(hook, ("-d", str(ts)), child.mark_out, _comment(child))
+        MarkRule(hook, RuleMatch(dst=ts), child.mark_out, _comment(child))
         for ts in unicast_selectors(child, lan_broadcast)
         for hook in ("PREROUTING", "OUTPUT")
     )
@@ -195,7 +194,7 @@ def compute(
             )
     else:
         desired.waiting = left_out
-    seen_rules: set[tuple[str, tuple[str, ...]]] = set()
+    seen_rules: set[tuple[str, RuleMatch]] = set()
     routed: set[IPv4Network] = set()
 
     def add_rule(rule: MarkRule | None) -> None:

@@ -208,7 +208,7 @@ class ForecastCollector(Collector):
         changes = CounterMetricFamily(
             "forecast_sa_changes", "SA table changes, by kind", labels=["kind"]
         )
-        for kind in ("added", "rekeyed", "removed", "retired"):
+        for kind in ("added", "rekeyed", "moved", "removed", "retired"):
             changes.add_metric([kind], h.changes.get(kind, 0))
         yield changes
 

@@ -1,178 +1,92 @@
-"""MARK rules in forecast-bpf's own mangle chains, applied atomically.
+"""The MARK rules the marked policies need, in one of two back ends.
 
-Every change is one `iptables-restore --noflush` transaction, so a rekey's new SPI rule is in
-together with the old one's removal, and other writers' rules are never touched. When the
-chains' contents are known (the daemon applied them) only the difference is sent: an SA event
-costs a few `-A`/`-D` lines, not a rewrite of thousands of rules. Otherwise (a start, drift) the
-chains are declared, which flushes them, and refilled in the same commit.
-The back end is whichever the host's `iptables` is (nf_tables or legacy), said in the log.
+- `nftables`: forecast-bpf's own table (forecast/rules_nft.py);
+- `iptables`: forecast-bpf's own chains in the mangle table (forecast/rules_iptables.py),
+  through whichever `iptables` the host has (nf_tables or legacy).
+
+`auto` (the default) follows what the host uses: nftables where `nft` is installed and
+`iptables` is not the legacy variant, iptables otherwise. Only one back end holds rules: a
+start removes what the other one left (a switch of back end, an upgrade), after ours are in.
 """
 
 from __future__ import annotations
 
-import re
-import subprocess
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import Protocol
 
+from forecast import rules_iptables, rules_nft
+from forecast.config import NETFILTER_BACKENDS as BACKENDS
 from forecast.desired import MarkRule
+from forecast.nf_exec import NetfilterError, Signature, installed
 
-CHAINS = {"PREROUTING": "FORECAST-PRE", "OUTPUT": "FORECAST-OUT"}
-
-
-class NetfilterError(RuntimeError):
-    """An iptables command failed; the message carries its stderr."""
+__all__ = ["BACKENDS", "NetfilterError", "RuleSet", "choose", "remove_all", "signature"]
 
 
-@dataclass(frozen=True)
-class Backend:
-    restore: str
-    save: str
-    iptables: str
-    variant: str  # "nf_tables" or "legacy"
+class RuleSet(Protocol):
+    name: str  # "nftables" or "iptables"
+    detail: str  # for the log: the variant and where our rules live
+
+    def present(self) -> bool: ...
+    def hooked(self) -> bool: ...
+    def apply(self, rules: Iterable[MarkRule], known: Sequence[MarkRule] | None = None) -> None: ...
+    def current(self) -> list[str]: ...
+    def signatures(self) -> Counter[Signature]: ...
+    def remove(self) -> None: ...
 
 
-def detect(netns: str | None = None) -> Backend:
-    out = _run(["iptables", "-V"], netns).stdout
-    m = re.search(r"\((nf_tables|legacy)\)", out)
-    variant = m.group(1) if m else "legacy"
-    return Backend("iptables-restore", "iptables-save", "iptables", variant)
+def signature(rule: MarkRule) -> Signature:
+    """What identifies a rule of ours in either back end's listing."""
+    return (rule.chain, rule.comment, rule.mark)
 
 
-def _run(
-    argv: list[str], netns: str | None, input_text: str | None = None, *, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    full = [*(["ip", "netns", "exec", netns] if netns else []), *argv]
-    proc = subprocess.run(
-        full, input=input_text, capture_output=True, text=True, timeout=30, check=False
-    )
-    if check and proc.returncode != 0:
-        raise NetfilterError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
+def resolve(kind: str, netns: str | None = None) -> str:
+    """The back end `kind` means on this host: `auto` becomes nftables or iptables."""
+    if kind not in BACKENDS:
+        raise NetfilterError(f"netfilter back end {kind!r} is not one of {', '.join(BACKENDS)}")
+    if kind != "auto":
+        return kind
+    if not installed(rules_nft.NFT):
+        return "iptables"
+    if installed(rules_iptables.IPTABLES) and rules_iptables.variant(netns) == "legacy":
+        return "iptables"
+    return "nftables"
 
 
-def render_rule(rule: MarkRule) -> str:
-    return (
-        f"-A {CHAINS[rule.chain]} {' '.join(rule.match)} -m comment --comment "
-        f'"{rule.comment}" -j MARK --set-xmark {rule.mark:#x}/0xffffffff'
-    )
+def _make(kind: str, netns: str | None) -> RuleSet:
+    if kind == "nftables":
+        return rules_nft.NftRules(netns)
+    return rules_iptables.IptablesRules(netns)
 
 
-def render_delta(old: Sequence[MarkRule], new: Sequence[MarkRule]) -> str | None:
-    """The transaction that turns chains holding `old` into `new`; None when equal. Additions
-    come first: within the commit nothing is ever without its rule."""
-    before, after = Counter(old), Counter(new)
-    added, gone = after - before, before - after
-    if not added and not gone:
-        return None
-    lines = ["*mangle"]
-    lines += [render_rule(r) for r in added.elements()]
-    lines += ["-D" + render_rule(r)[2:] for r in gone.elements()]
-    lines += ["COMMIT", ""]
-    return "\n".join(lines)
+def choose(kind: str, netns: str | None = None) -> RuleSet:
+    return _make(resolve(kind, netns), netns)
 
 
-_SAVED = re.compile(
-    r"^-A (\S+) .*--comment (?:\"([^\"]*)\"|(\S+)) -j MARK --set-xmark (0x[0-9a-f]+)/0xffffffff$"
-)
+def others(chosen: RuleSet, netns: str | None = None) -> list[RuleSet]:
+    """The back ends other than `chosen` that this host has, to clear what they hold."""
+    tools = {"nftables": rules_nft.NFT, "iptables": rules_iptables.IPTABLES}
+    return [
+        _make(kind, netns)
+        for kind, tool in tools.items()
+        if kind != chosen.name and installed(tool)
+    ]
 
 
-def signature(rule: MarkRule) -> tuple[str, str, int]:
-    """What identifies a rule of ours in iptables-save's output, whatever its spelling."""
-    return (CHAINS[rule.chain], rule.comment, rule.mark)
+def holding(netns: str | None = None) -> list[RuleSet]:
+    """Every back end on this host that holds rules of ours (to check nothing is left)."""
+    tools = (("nftables", rules_nft.NFT), ("iptables", rules_iptables.IPTABLES))
+    return [
+        rules
+        for rules in (_make(kind, netns) for kind, tool in tools if installed(tool))
+        if rules.present()
+    ]
 
 
-def render(rules: Iterable[MarkRule]) -> str:
-    """The whole transaction: both chains declared (so flushed) and refilled."""
-    lines = ["*mangle", *(f":{chain} - [0:0]" for chain in CHAINS.values())]
-    lines += [render_rule(r) for r in rules]
-    lines += ["COMMIT", ""]
-    return "\n".join(lines)
-
-
-class Rules:
-    """Our chains in one network namespace (None: the caller's)."""
-
-    def __init__(self, netns: str | None = None) -> None:
-        self.netns = netns
-        self.backend = detect(netns)
-
-    def _jump_present(self, hook: str) -> bool:
-        argv = [self.backend.iptables, "-w", "-t", "mangle", "-C", hook, "-j", CHAINS[hook]]
-        return _run(argv, self.netns, check=False).returncode == 0
-
-    def present(self) -> bool:
-        """Is anything of ours (a chain or a jump to one) in the mangle table?"""
-        text = _run([self.backend.save, "-t", "mangle"], self.netns).stdout
-        return any(chain in text for chain in CHAINS.values())
-
-    def hooked(self) -> bool:
-        """Are both our chains jumped to from their hooks?"""
-        return all(self._jump_present(hook) for hook in CHAINS)
-
-    def apply(self, rules: Iterable[MarkRule], known: Sequence[MarkRule] | None = None) -> None:
-        """Make our chains hold `rules` in one commit; hook them in at the top once.
-        `known`: what the chains hold now, when certain; then only the difference is sent."""
-        rules = list(rules)
-        # The jumps are checked at start and at every resync (_read_back), not per event: each
-        # check is a process that reads the whole ruleset.
-        if known is not None:
-            delta = render_delta(known, rules)
-            if delta is not None:
-                _run([self.backend.restore, "-w", "--noflush"], self.netns, delta)
-            return
-        _run([self.backend.restore, "-w", "--noflush"], self.netns, render(rules))
-        for hook, chain in CHAINS.items():
-            if not self._jump_present(hook):
-                # First in the hook, as the plugin's rules: the mark must be set before any
-                # other rule looks at the packet.
-                _run(
-                    [self.backend.iptables, "-w", "-t", "mangle", "-I", hook, "1", "-j", chain],
-                    self.netns,
-                )
-
-    def current(self) -> list[str]:
-        """Our chains' rules as iptables-save prints them (for status and tests)."""
-        out = _run([self.backend.save, "-t", "mangle"], self.netns).stdout
-        return [
-            line
-            for line in out.splitlines()
-            if any(line.startswith(f"-A {c} ") for c in CHAINS.values())
-        ]
-
-    def signatures(self) -> Counter[tuple[str, str, int]]:
-        """Our chains' rules as (chain, comment, mark), to compare with what was applied."""
-        out: Counter[tuple[str, str, int]] = Counter()
-        for line in self.current():
-            m = _SAVED.match(line)
-            # A line of another shape in our chains is someone else's: counted as such.
-            out[
-                (m[1], m[2] if m[2] is not None else m[3], int(m[4], 16)) if m else ("?", line, 0)
-            ] += 1
-        return out
-
-    def remove(self) -> None:
-        """Unhook and delete our chains; nothing of ours is left, nothing else is touched."""
-        for hook, chain in CHAINS.items():
-            while self._jump_present(hook):
-                _run(
-                    [self.backend.iptables, "-w", "-t", "mangle", "-D", hook, "-j", chain],
-                    self.netns,
-                )
-        text = _run([self.backend.save, "-t", "mangle"], self.netns).stdout
-        present = [c for c in CHAINS.values() if f":{c} " in text]
-        if present:
-            _run(
-                [self.backend.restore, "-w", "--noflush"],
-                self.netns,
-                "\n".join(
-                    [
-                        "*mangle",
-                        *(f":{c} - [0:0]" for c in present),
-                        *(f"-X {c}" for c in present),
-                        "COMMIT",
-                        "",
-                    ]
-                ),
-            )
+def remove_all(netns: str | None = None) -> list[str]:
+    """Remove our rules from every back end the host has; what was removed, for the log."""
+    removed = []
+    for rules in holding(netns):
+        rules.remove()
+        removed.append(f"MARK rules ({rules.detail})")
+    return removed

@@ -70,6 +70,17 @@ def _hex(msg: Mapping[Any, Any], key: str, where: str, default: int | None = Non
         raise PayloadError(f"{where}: '{key}' is not hexadecimal: {_s(value)!r}") from None
 
 
+def _port(msg: Mapping[Any, Any], key: str, where: str) -> int:
+    """An IKE port (500 when absent); one out of range would be wrapped by iptables into
+    another port's rule."""
+    if _get(msg, key) is None:
+        return 500
+    port = _int(msg, key, where)
+    if not 0 < port < 65536:
+        raise PayloadError(f"{where}: '{key}' {port} is not a port (1..65535)")
+    return port
+
+
 def _int(msg: Mapping[Any, Any], key: str, where: str) -> int:
     text = _need(msg, key, where)
     try:
@@ -182,8 +193,8 @@ def parse_child(ike_name: str, ike: Mapping[Any, Any], child: Mapping[Any, Any])
         encap=_s(_get(child, "encap") or "no") == "yes",
         local_host=_address(ike, "local-host", where),
         remote_host=_address(ike, "remote-host", where),
-        local_port=int(_s(_get(ike, "local-port") or 500)),
-        remote_port=int(_s(_get(ike, "remote-port") or 500)),
+        local_port=_port(ike, "local-port", where),
+        remote_port=_port(ike, "remote-port", where),
         remote_id=printable(_s(_get(ike, "remote-id") or "")),
         remote_vips=tuple(vips),
         local_ts=_networks(child, "local-ts", where),
@@ -206,17 +217,34 @@ def _children(ike_name: str, ike: Mapping[Any, Any]) -> list[ChildSa]:
 
 @dataclass(frozen=True)
 class Change:
-    kind: str  # "added", "removed", "rekeyed", "retired"
+    kind: str  # "added", "removed", "rekeyed", "retired", "moved" (new IKE endpoints)
     child: ChildSa
     old: ChildSa | None = None
 
     def line(self) -> str:
+        if self.kind == "moved" and self.old is not None:
+            return f"SA moved: {self.child.label}, {_endpoint(self.old)} -> {_endpoint(self.child)}"
         if self.kind == "rekeyed" and self.old is not None:
             return (
                 f"SA rekeyed: {self.child.label}, was #{self.old.unique_id} "
                 f"spi-in {self.old.spi_in:08x}"
             )
         return f"SA {self.kind}: {self.child.label}"
+
+
+def _endpoint(child: ChildSa) -> str:
+    encap = " (UDP-encapsulated)" if child.encap else ""
+    return f"{child.remote_host}:{child.remote_port}{encap}"
+
+
+def _same_endpoints(a: ChildSa, b: ChildSa) -> bool:
+    return (a.local_host, a.local_port, a.remote_host, a.remote_port, a.encap) == (
+        b.local_host,
+        b.local_port,
+        b.remote_host,
+        b.remote_port,
+        b.encap,
+    )
 
 
 class SaTable:
@@ -259,6 +287,9 @@ class SaTable:
             if uid not in seen and self.children[uid].retire_at is None:
                 self._remove(uid, changes)
         for child in seen.values():
+            held = self.children.get(child.unique_id)
+            if held is not None and held.retire_at is None and not _same_endpoints(held, child):
+                changes.append(Change("moved", child, held))  # an ike-update we did not see
             self._add(child, changes)
         return changes
 
@@ -302,9 +333,43 @@ class SaTable:
                 for uid, child in list(self.children.items()):
                     if child.ike_id == old_id:
                         self.children[uid] = replace(child, ike_id=new_id)
+        elif event == "ike-update":
+            self._move(payload, changes)
         else:
             raise PayloadError(f"unexpected VICI event {event!r}")
         return changes
+
+    def _move(self, payload: Mapping[Any, Any], changes: list[Change]) -> None:
+        """The IKE_SA's endpoints changed (a NAT mapping, MOBIKE): charon gives the new ones at
+        the top and the IKE_SA, still with its old ones, in a section. Its children's kernel SAs
+        follow; so must their inbound rules, which match the peer's address and port. Whether
+        ESP is now UDP-encapsulated is the IKE_SA's NAT condition, as the plugin reads it: the
+        children's own `encap` is updated only after this event."""
+        where = "ike-update"
+        local = _address(payload, "local-host", where)
+        remote = _address(payload, "remote-host", where)
+        if _get(payload, "remote-host") is None or _get(payload, "local-host") is None:
+            raise PayloadError(f"{where}: missing 'local-host' or 'remote-host'")
+        local_port = _port(payload, "local-port", where)
+        remote_port = _port(payload, "remote-port", where)
+        for ike_name, ike in _ike_sections(payload):
+            ike_id = _int(ike, "uniqueid", f"{where} IKE_SA {ike_name}")
+            encap = _s(_get(ike, "nat-any") or "no") == "yes"
+            for uid, child in list(self.children.items()):
+                if child.ike_id != ike_id:
+                    continue
+                moved = replace(
+                    child,
+                    local_host=local,
+                    remote_host=remote,
+                    local_port=local_port,
+                    remote_port=remote_port,
+                    encap=encap,
+                )
+                if not _same_endpoints(child, moved):
+                    self.children[uid] = moved
+                    if child.retire_at is None:
+                        changes.append(Change("moved", moved, child))
 
     def expire(self, now: float) -> list[Change]:
         """Drop rekeyed children whose grace period is over."""

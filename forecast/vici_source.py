@@ -18,7 +18,7 @@ from typing import Any
 
 import vici
 
-EVENTS = ["child-updown", "child-rekey", "ike-updown", "ike-rekey"]
+EVENTS = ["child-updown", "child-rekey", "ike-updown", "ike-rekey", "ike-update"]
 BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 POLL_S = 0.05
 

@@ -31,7 +31,7 @@ Maintainer: forecast-bpf developers <forecast-bpf@localhost>
 Section: net
 Priority: optional
 Depends: python3 (>= 3.11), python3-bpfcc, python3-yaml, libbpf1, strongswan-charon,
- strongswan-swanctl, iptables, iproute2
+ strongswan-swanctl, nftables | iptables, iproute2
 Recommends: linux-headers-amd64
 Description: multicast and broadcast across strongSwan IPsec tunnels (eBPF)
  Forwards mDNS, LLMNR, SSDP/WS-Discovery and NetBIOS announcements between a gateway's LAN

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from forecast import netfilter
 from forecast.lab.topology import Topology
 
 PIN_DIR = Path("/sys/fs/bpf/forecast-bpf")
@@ -147,7 +148,7 @@ class LabDaemon:
                 rc = -9
         return {
             "exit_code": rc,
-            "chains": "FORECAST" in _sh("iptables-save", "-t", "mangle"),
+            "rules": [rules.detail for rules in netfilter.holding()],
             "routes": _sh("ip", "route", "show", "proto", "252").strip(),
             "xfrm_link": XFRM_NAME in _sh("ip", "-br", "link"),
             "lan_filters": _sh(

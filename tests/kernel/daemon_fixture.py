@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from forecast import rules_nft
 from forecast.lab import netns
 from forecast.lab.conns import GatewayMode
 from forecast.lab.lab import Lab, LabOptions
@@ -82,8 +83,10 @@ class Running:
         )
 
     def rules(self) -> list[str]:
+        """Our MARK rules in either back end (the lines each prints)."""
         out = netns.run(["iptables-save", "-t", "mangle"], netns=self.gw).stdout
-        return [line for line in out.splitlines() if "FORECAST" in line]
+        legacy = [line for line in out.splitlines() if "FORECAST" in line]
+        return legacy + rules_nft.NftRules(self.gw).current()
 
     def routes(self) -> str:
         return netns.run(["ip", "route", "show", "proto", "252"], netns=self.gw).stdout

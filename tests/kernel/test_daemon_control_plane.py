@@ -10,15 +10,19 @@ import os
 import re
 import signal
 import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from forecast import tc
 from forecast.datapath import program_digest
 from forecast.lab import netns
 from forecast.lab.conns import GatewayMode
 from forecast.lab.lab import Lab, LabOptions
-from tests.kernel.daemon_fixture import DAEMON_PYTHON, IF_ID, Running
+from tests.kernel.daemon_fixture import DAEMON_PYTHON, IF_ID, Running, start_running
 
 
 def forecast_cli(
@@ -41,7 +45,54 @@ def _slot_of(state: dict[str, Any], remote_id: str) -> dict[str, Any]:
     raise AssertionError(f"{remote_id} not in {state['slots']}")
 
 
-def test_connect_rekey_disconnect_stop(running: Running) -> None:
+# How each back end prints (hook, match, mark): the same rules, two spellings.
+SPELLING = {
+    "iptables": {
+        "PREROUTING": "-A FORECAST-PRE ",
+        "OUTPUT": "-A FORECAST-OUT ",
+        "dst": "-d {}/32 ",
+        "src": "-s {}/32 ",
+        "natt": "--sport 4500 --dport 4500",
+        "mark": "--set-xmark {:#x}/0xffffffff",
+    },
+    "nftables": {
+        "PREROUTING": "prerouting ",
+        "OUTPUT": "output ",
+        "dst": "ip daddr {} ",
+        "src": "ip saddr {} ",
+        "natt": "udp sport 4500 udp dport 4500",
+        "mark": "meta mark set {:#010x}",
+    },
+}
+
+
+def _rule_lines(lines: list[str]) -> list[str]:
+    """The rules among what Running.rules() lists (it also has iptables' chains and jumps)."""
+    return [ln for ln in lines if ln.startswith(("-A FORECAST-", "prerouting ", "output "))]
+
+
+def _backend_of(line: str) -> str:
+    return "iptables" if line.startswith("-A FORECAST-") else "nftables"
+
+
+def _has_rule(rules: list[str], backend: str, hook: str, *parts: str) -> bool:
+    words = SPELLING[backend]
+    return any(r.startswith(words[hook]) and all(p in r for p in parts) for r in rules)
+
+
+@pytest.fixture(params=["nftables", "iptables"])
+def running_on(
+    request: pytest.FixtureRequest, run_prefix: str, tmp_path: Path
+) -> Iterator[tuple[Running, str]]:
+    backend = str(request.param)
+    for r in start_running(run_prefix, tmp_path, extra_config=f"netfilter: {backend}\n"):
+        yield r, backend
+
+
+def test_connect_rekey_disconnect_stop(running_on: tuple[Running, str]) -> None:
+    """The same scenario with either netfilter back end."""
+    running, backend = running_on
+    words = SPELLING[backend]
     lab = running.lab
     gw_ifindex = {name: netns.ifindex(running.gw, name) for name in ("eth1", "xfs0")}
     assert running.state()["slots"] == {}
@@ -79,19 +130,14 @@ def test_connect_rekey_disconnect_stop(running: Running) -> None:
     assert "224.0.0.0/4" in s1["selectors"]
     rules = running.rules()
     for host, s in ((c1, s1), (c2, s2)):
-        mark = f"--set-xmark {s['mark_in']:#x}/0xffffffff"
-        assert any(
-            f"-d {host.virtual_ip}/32" in r and "FORECAST-PRE" in r and mark in r for r in rules
-        ), rules
-        assert any(
-            f"-d {host.virtual_ip}/32" in r and "FORECAST-OUT" in r and mark in r for r in rules
-        ), rules
+        mark, vip = words["mark"].format(s["mark_in"]), words["dst"].format(host.virtual_ip)
+        assert _has_rule(rules, backend, "PREROUTING", vip, mark), rules
+        assert _has_rule(rules, backend, "OUTPUT", vip, mark), rules
         # libipsec forces UDP encapsulation: the inbound rule matches the NAT-T ports.
-        assert any(
-            f"-s {host.wan_addr}/32" in r and "--sport 4500 --dport 4500" in r and mark in r
-            for r in rules
-        ), rules
+        peer = words["src"].format(host.wan_addr)
+        assert _has_rule(rules, backend, "PREROUTING", peer, words["natt"], mark), rules
         assert re.search(rf"^{re.escape(host.virtual_ip)} dev xfs0 ", running.routes(), re.M)
+    assert len(_rule_lines(rules)) == 6  # nothing in the other back end
 
     # -- status reads the live maps --------------------------------------------------------
     out = forecast_cli("status", running.cfg_path, "--json")
@@ -127,6 +173,26 @@ def test_connect_rekey_disconnect_stop(running: Running) -> None:
     assert not any(c1.virtual_ip in r for r in running.rules())
     lab.connect("c1")
     running.wait("c1 back after the restart", lambda s: len(s["slots"]) == 1)
+    before = _rule_lines(running.rules())
+
+    # -- the other back end after a crash and restart: its rules in, ours of before out ----
+    running.proc.kill()
+    running.proc.wait(timeout=10)
+    other = "iptables" if backend == "nftables" else "nftables"
+    text = running.cfg_path.read_text().replace(f"netfilter: {backend}", f"netfilter: {other}")
+    running.cfg_path.write_text(text)
+    running.spawn()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = _rule_lines(running.rules())
+        if len(now) == 3 and {_backend_of(r) for r in now} == {other}:
+            break
+        time.sleep(0.2)
+    switched = _rule_lines(running.rules())
+    assert len(switched) == len(before) == 3, (before, switched)
+    assert not set(switched) & set(before)
+    assert f"removed the MARK rules left in {backend}" in running.log.read_text()
+    backend, words = other, SPELLING[other]
 
     # -- stop: nothing left ----------------------------------------------------------------
     running.proc.send_signal(signal.SIGTERM)
@@ -141,7 +207,13 @@ def test_connect_rekey_disconnect_stop(running: Running) -> None:
     netns.run(["ip", "link", "show", "xfs0"], netns=running.gw)
     log = running.log.read_text()
     assert "SA added: rw/rw" in log and "SA rekeyed: rw/rw" in log and "SA removed: rw/rw" in log
-    assert re.search(r"netfilter back end: iptables \((nf_tables|legacy)\)", log)
+    assert re.search(
+        {
+            "iptables": r"netfilter back end: iptables \((nf_tables|legacy)\), chains",
+            "nftables": r"netfilter back end: nftables, table inet forecast_bpf",
+        }[backend],
+        log,
+    )
     assert "VICI reconnected" in log
     assert os.path.exists(running.lab.topology.gateway.vici_socket)  # charon itself untouched
 
@@ -185,3 +257,34 @@ def test_status_and_check_without_a_daemon_or_charon(tmp_path: Path) -> None:
     assert run.stderr.strip() == (
         f"forecast-bpf: error: {bad}: groups: 10.0.0.1 is not a multicast address (224.0.0.0/4)"
     )
+
+
+def test_a_client_that_moves_keeps_its_inbound_rule(
+    running_on: tuple[Running, str], figures: Callable[[str], None]
+) -> None:
+    """MOBIKE: c1's address changes under its IKE_SA; charon's ike-update moves the inbound
+    rule to the new address (this kernel's libipsec then also rekeys the CHILD_SA)."""
+    running, backend = running_on
+    words = SPELLING[backend]
+    lab = running.lab
+    lab.connect("c1")
+    running.wait("c1's SA", lambda s: len(s["slots"]) == 1)
+    c1 = lab.topology.host("c1")
+    old, new = words["src"].format(c1.wan_addr), words["src"].format("192.168.0.201")
+    assert _has_rule(running.rules(), backend, "PREROUTING", old, words["natt"])
+    # Without promote_secondaries, removing the primary address would take the new one too.
+    netns.run(["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"], netns=c1.netns)
+    netns.run(["ip", "addr", "add", "192.168.0.201/24", "dev", "eth0"], netns=c1.netns)
+    moved_at = time.monotonic()
+    netns.run(["ip", "addr", "del", f"{c1.wan_addr}/24", "dev", "eth0"], netns=c1.netns)
+    while time.monotonic() < moved_at + 10:
+        if _has_rule(running.rules(), backend, "PREROUTING", new):
+            break
+        time.sleep(0.02)
+    took = time.monotonic() - moved_at
+    rules = running.rules()
+    assert _has_rule(rules, backend, "PREROUTING", new, words["natt"]), rules
+    assert not _has_rule(rules, backend, "PREROUTING", old), rules
+    log = running.log.read_text()
+    assert "SA moved: rw/rw" in log and "-> 192.168.0.201:4500" in log, log[-2000:]
+    figures(f"{backend}: MOBIKE move, address change -> inbound rule moved in {took:.2f} s")

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-DAEMON_TEST = "tests/kernel/test_daemon_control_plane.py::test_connect_rekey_disconnect_stop"
+DAEMON_TEST = (
+    "tests/kernel/test_daemon_control_plane.py::test_connect_rekey_disconnect_stop[nftables]"
+)
 
 
 def _daemon_test_with(python: Path, tmp_path: Path) -> str:
@@ -93,7 +95,7 @@ def test_debian_package_files_run_the_daemon(tmp_path: Path) -> None:
     deb = Path(build.stdout.strip())
     info = subprocess.run(["dpkg-deb", "-I", str(deb)], capture_output=True, text=True).stdout
     assert "Version: 0.1.0+test1" in info
-    for dep in ("python3-bpfcc", "strongswan-swanctl", "iptables"):
+    for dep in ("python3-bpfcc", "strongswan-swanctl", "nftables | iptables"):
         assert dep in info
     files = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True).stdout
     names = [line.split()[-1].removeprefix(".") for line in files.splitlines()]

@@ -161,7 +161,7 @@ def test_stop_removes_what_a_hand_over_left(running: Running) -> None:
 
     out = forecast_cli("stop", running.cfg_path, netns=running.gw)
     assert out.returncode == 0, out.stderr
-    assert "MARK chains" in out.stdout and "pins in" in out.stdout, out.stdout
+    assert "MARK rules" in out.stdout and "pins in" in out.stdout, out.stdout
     assert running.rules() == [] and running.routes().strip() == ""
     assert tc.our_filter(eth1, netns=running.gw) is None
     assert tc.our_filter(netns.ifindex(running.gw, "xfs0"), netns=running.gw) is None

@@ -7,7 +7,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from forecast import config, desired, layout, netfilter
+from forecast import config, desired, layout, rules_iptables, rules_nft
 from forecast.sa import ChildSa, SaTable
 from tests.conftest import FIXTURES
 from tests.unit.conftest import load_events
@@ -36,7 +36,7 @@ def _plugin_rules(dump: str) -> set[tuple[str, tuple[str, ...], int]]:
 
 
 def _ours(d: desired.Desired) -> set[tuple[str, tuple[str, ...], int]]:
-    return {(r.chain, r.match, r.mark) for r in d.rules}
+    return {(r.chain, tuple(rules_iptables.render_match(r.match).split()), r.mark) for r in d.rules}
 
 
 def test_rules_equal_the_plugins_for_two_clients(fixtures_dir: Path) -> None:
@@ -54,11 +54,11 @@ def test_rules_after_rekeys_equal_the_plugins(fixtures_dir: Path) -> None:
 def test_esp_rekey_keeps_both_spis_until_the_old_one_retires(fixtures_dir: Path) -> None:
     kids = [replace(c, encap=False) for c in _children(fixtures_dir, "005")]
     d = desired.compute(kids, CFG, BCAST, {})
-    spis = sorted(int(r.match[-1]) for r in d.rules if "--espspi" in r.match and r.mark == 2)
+    spis = sorted(r.match.spi or 0 for r in d.rules if r.match.proto == "esp" and r.mark == 2)
     assert spis == sorted([0x3F3F4BBD, 0xAC640A60])
     assert len(d.slots) == 2  # one slot per mark, not per child
     settled = desired.compute([c for c in kids if c.retire_at is None], CFG, BCAST, {})
-    assert [int(r.match[-1]) for r in settled.rules if "--espspi" in r.match and r.mark == 2] == [
+    assert [r.match.spi for r in settled.rules if r.match.proto == "esp" and r.mark == 2] == [
         0xAC640A60
     ]
 
@@ -125,7 +125,7 @@ def test_zero_prefix_and_multicast_selectors_never_get_unicast_rules(fixtures_di
         ),
     )
     d = desired.compute([child], CFG, BCAST, {})
-    assert [r for r in d.rules if r.match[0] == "-d" and r.chain == "OUTPUT"] == []
+    assert [r for r in d.rules if r.match.src is None and r.chain == "OUTPUT"] == []
     assert d.routes == []
     (slot,) = d.slots.values()
     assert IPv4Network("0.0.0.0/0") in slot.entry.selectors
@@ -133,7 +133,7 @@ def test_zero_prefix_and_multicast_selectors_never_get_unicast_rules(fixtures_di
 
 def test_render_is_one_transaction_of_our_chains(fixtures_dir: Path) -> None:
     d = desired.compute(_children(fixtures_dir, "004"), CFG, BCAST, {})
-    text = netfilter.render(d.rules)
+    text = rules_iptables.render(d.rules)
     lines = text.splitlines()
     assert lines[:3] == ["*mangle", ":FORECAST-PRE - [0:0]", ":FORECAST-OUT - [0:0]"]
     assert lines[-1] == "COMMIT"
@@ -142,6 +142,38 @@ def test_render_is_one_transaction_of_our_chains(fixtures_dir: Path) -> None:
         '-d 10.1.0.129/32 -m comment --comment "forecast-bpf rw/rw #2 c1@probe" -j MARK '
         "--set-xmark 0x2/0xffffffff" in text
     )
+
+
+def test_nft_batch_replaces_our_table_whole(fixtures_dir: Path) -> None:
+    d = desired.compute(_children(fixtures_dir, "004"), CFG, BCAST, {})
+    batch = rules_nft.render(d.rules)
+    table = {"family": "inet", "name": "forecast_bpf"}
+    assert batch[:3] == [
+        {"add": {"table": table}},
+        {"delete": {"table": table}},
+        {"add": {"table": table}},
+    ]
+    chains = [item["add"]["chain"] for item in batch[3:5]]
+    assert [(c["name"], c["type"], c["hook"], c["prio"]) for c in chains] == [
+        ("prerouting", "filter", "prerouting", -151),
+        ("output", "route", "output", -151),
+    ]
+    rules = [item["add"]["rule"] for item in batch[5:]]
+    assert len(rules) == len(d.rules) > 0
+    vip = next(r for r in rules if r["chain"] == "output")
+    assert vip["comment"] == "forecast-bpf rw/rw #2 c1@probe"
+    assert vip["expr"] == [
+        {
+            "match": {
+                "op": "==",
+                "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                "right": "10.1.0.129",
+            }
+        },
+        {"mangle": {"key": {"meta": {"key": "mark"}}, "value": 2}},
+    ]
+    natt = [r for r in rules if any("udp" in str(e) for e in r["expr"])]
+    assert len(natt) == 2  # both clients are NAT-T (libipsec): matched by their ports
 
 
 def test_a_peer_with_two_sas_gets_copies_through_the_newest_only(fixtures_dir: Path) -> None:

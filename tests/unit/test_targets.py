@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from ipaddress import IPv4Network
 
 import pytest
 
-from forecast import netfilter
-from forecast.desired import MarkRule
+from forecast import rules_iptables
+from forecast.desired import MarkRule, RuleMatch
 from forecast.targets import arrange
 
 pytestmark = pytest.mark.unit
@@ -39,13 +40,13 @@ def test_any_change_gives_exactly_the_wanted_set_and_moves_little() -> None:
 
 
 def _rule(chain: str, dst: str, mark: int) -> MarkRule:
-    return MarkRule(chain, ("-d", dst), mark, f"forecast-bpf t #{mark}")
+    return MarkRule(chain, RuleMatch(dst=IPv4Network(dst)), mark, f"forecast-bpf t #{mark}")
 
 
 def test_delta_adds_before_it_removes_and_ignores_order() -> None:
     a, b, c = (_rule("PREROUTING", f"10.0.0.{i}/32", i) for i in (1, 2, 3))
-    assert netfilter.render_delta([a, b], [b, a]) is None
-    delta = netfilter.render_delta([a, b], [b, c])
+    assert rules_iptables.render_delta([a, b], [b, a]) is None
+    delta = rules_iptables.render_delta([a, b], [b, c])
     assert delta is not None
     lines = delta.splitlines()
     assert lines[0] == "*mangle" and lines[-1] == "COMMIT"
@@ -56,5 +57,5 @@ def test_delta_adds_before_it_removes_and_ignores_order() -> None:
 
 def test_delta_counts_duplicates() -> None:
     a = _rule("OUTPUT", "10.0.0.1/32", 1)
-    delta = netfilter.render_delta([a, a], [a])
+    delta = rules_iptables.render_delta([a, a], [a])
     assert delta is not None and delta.count("-D FORECAST-OUT") == 1

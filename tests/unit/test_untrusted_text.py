@@ -3,6 +3,7 @@ to reach a rule, a log line, a metric label or the status table raw (tests/hosti
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from ipaddress import IPv4Address
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-from forecast import config, desired, netfilter, status
+from forecast import config, desired, rules_iptables, rules_nft, status
 from forecast.sa import MAX_TEXT, Change, SaTable, printable
 from tests import hostile_names
 
@@ -50,17 +51,22 @@ def test_mark_rules_carry_only_safe_comments_through_iptables_restore_text() -> 
     want = desired.compute([child], cfg, IPv4Address("10.1.255.255"), {})
     assert not want.ignored and want.rules
     for rule in want.rules:
-        assert RULE_SAFE.match(rule.comment) and len(rule.comment) <= 255, rule.comment
+        assert RULE_SAFE.match(rule.comment) and len(rule.comment) < 128, rule.comment
         assert rule.comment.startswith(
             "forecast-bpf rw-jACCEPTn-AINPUT-jDROPn/kidx1b2Jx1b31mredru202eevilx00 #2 C=XX,CN="
         )
-    text = netfilter.render(want.rules)
+    text = rules_iptables.render(want.rules)
     # One line per rule, each a single append to one of our chains: nothing injected.
     lines = text.splitlines()
     appends = [ln for ln in lines if ln.startswith("-A ")]
     assert len(appends) == len(want.rules)
-    assert all(ln.split()[1] in netfilter.CHAINS.values() for ln in appends)
+    assert all(ln.split()[1] in rules_iptables.CHAINS.values() for ln in appends)
     assert all(ln.count('"') == 2 for ln in appends)
+    # nftables takes JSON: the comment is a string value, below nft's 128 characters.
+    batch = json.loads(json.dumps({"nftables": rules_nft.render(want.rules)}))["nftables"]
+    comments = [item["add"]["rule"]["comment"] for item in batch if "rule" in item.get("add", {})]
+    assert comments == [r.comment for r in want.rules]
+    assert all(len(c) < 128 for c in comments)
 
 
 def test_status_table_and_log_lines_show_escapes_not_control_characters(

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+from forecast import netfilter
 from forecast.lab import checks, ipsec_state
 from forecast.lab.checks import CheckResult
 from forecast.lab.daemon_run import LabDaemon
@@ -133,10 +134,8 @@ try:
     # Disconnect the last client: its slot, rules and route go; the others keep working.
     ipsec_state.command(last.vici_socket, "terminate", {"ike": "gw", "timeout": 5000})
     daemon.wait_state("the disconnect", lambda s: len(s["slots"]) == len(names) - 1)
-    mangle = subprocess.run(
-        ["iptables-save", "-t", "mangle"], capture_output=True, text=True, check=False
-    ).stdout
-    leftover = [line for line in mangle.splitlines() if last.virtual_ip in line]
+    rules = [line for held in netfilter.holding() for line in held.current()]
+    leftover = [line for line in rules if last.virtual_ip in line]
     routes = subprocess.run(
         ["ip", "route", "show", "proto", "252"], capture_output=True, text=True, check=False
     ).stdout

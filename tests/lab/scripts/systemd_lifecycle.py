@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from forecast import netfilter
 from forecast.lab import conns, ipsec_state, traffic
 from forecast.lab.checks import CheckResult
 from forecast.lab.topology import Topology
@@ -115,7 +116,8 @@ def kernel_state() -> dict[str, Any]:
             ["forecast-bpf", "status", "--json"], capture_output=True, text=True
         )
         slots = json.loads(status.stdout)["sas"] if status.returncode in (0, 1) else []
-    rules = sh("iptables-save", "-t", "mangle")
+    holders = netfilter.holding()
+    rules = [line for held in holders for line in held.current()]
     filters = {
         dev: re.findall(
             r"\b(fc_\w+-[0-9a-f]{12})\b",
@@ -126,18 +128,20 @@ def kernel_state() -> dict[str, Any]:
     pins = sh("sh", "-c", f"ls {PIN_DIR} 2>/dev/null", check=False).split()
     return {
         "slot_vips": sorted(v for s in slots for v in s["virtual_ips"]),
-        "rule_vips": sorted(set(re.findall(r"-A FORECAST-\S+ -d (\S+)/32", rules))),
+        "rule_vips": sorted({m[1] or m[2] for line in rules if (m := RULE_VIP.match(line))}),
         "route_vips": sorted(
             line.split()[0] for line in sh("ip", "-4", "route", "show", "proto", "252").splitlines()
         ),
         "filters": filters,
         "pins": pins,
-        "chains": "FORECAST" in rules,
+        "rules_in": [held.detail for held in holders],
         "xfrm_link": XFRM in sh("ip", "-br", "link"),
     }
 
 
 ROLES = ("lan", "tunnel")
+# A client's address in a MARK rule, as iptables or nft prints it.
+RULE_VIP = re.compile(r"^(?:-A FORECAST-\S+ -d (\S+)/32 |(?:prerouting|output) ip daddr (\S+) )")
 
 
 def kernel_is_live() -> tuple[bool, list[str], dict[str, Any]]:
@@ -202,7 +206,7 @@ def nothing_left(step: str) -> None:
     left = {
         "slots": k["slot_vips"],
         "rules": k["rule_vips"],
-        "chains": k["chains"],
+        "rules_in": k["rules_in"],
         "routes": k["route_vips"],
         "filters": {dev: names for dev, names in k["filters"].items() if names},
         "pins": k["pins"],
