@@ -99,6 +99,17 @@ def _add_lab_topology_args(p: argparse.ArgumentParser) -> None:
         help="this client gets a gateway child without the LAN broadcast TS",
     )
     p.add_argument(
+        "--nat",
+        action="append",
+        metavar="CLIENT",
+        help="this client sits behind a NAT router of its own (UDP-encapsulated ESP)",
+    )
+    p.add_argument(
+        "--no-set-mark-in",
+        action="store_true",
+        help="gateway children without set_mark_in: only the inbound MARK rules mark",
+    )
+    p.add_argument(
         "--here",
         action="store_true",
         help="run on this kernel even if it lacks ESP (the VM uses this inside)",

@@ -1,10 +1,10 @@
 """The nftables back end: MARK rules in forecast-bpf's own table, `inet forecast_bpf`.
 
-Each change is one `nft -j -f -` transaction (nftables commits a batch atomically: packets see
-the old rules or the new, never half). A full write replaces the whole table in one batch; an SA
-event adds and deletes single rules by handle, additions first. Handles come from nft's echo of
-what it added. Nothing else is ever touched: other tables (iptables-nft's included) are other
-writers', and removing ours is one `delete table`.
+Each change is one `nft -j -f` transaction, JSON on stdin (nftables commits a batch atomically:
+packets see the old rules or the new, never half). A full write replaces the whole table in one
+batch; an SA event adds and deletes single rules by handle, additions first. Handles come from
+nft's echo of what it added. Nothing else is ever touched: other tables (iptables-nft's
+included) are other writers', and removing ours is one `delete table`.
 
 Chains: `prerouting` (filter) and `output` (type route: a mark set there reroutes the packet, as
 iptables' mangle OUTPUT does), both at priority mangle - 1, so our marks are set before any
@@ -30,6 +30,8 @@ CHAINS = {"PREROUTING": "prerouting", "OUTPUT": "output"}
 HOOK_OF = {chain: hook for hook, chain in CHAINS.items()}
 CHAIN_TYPE = {"prerouting": "filter", "output": "route"}
 NFT = "nft"
+# nft reads `-f -` from /dev/stdin, which a minimal /dev (an initramfs, a container) may lack.
+STDIN = "/proc/self/fd/0"
 
 
 def _address(net: IPv4Network) -> Any:
@@ -144,7 +146,7 @@ class NftRules:
         return [item for item in items if isinstance(item, dict)]
 
     def _commit(self, batch: list[dict[str, Any]], added: Sequence[MarkRule]) -> None:
-        out = self._run([NFT, "-j", "-e", "-a", "-f", "-"], batch)
+        out = self._run([NFT, "-j", "-e", "-a", "-f", STDIN], batch)
         echoed = [
             item["add"]["rule"]
             for item in (json.loads(out)["nftables"] if out.strip() else [])

@@ -28,6 +28,8 @@ def lab_options(args: argparse.Namespace) -> LabOptions:
         if_id=args.if_id,
         libipsec=args.libipsec,
         no_broadcast=frozenset(args.no_broadcast or []),
+        nat=frozenset(args.nat or []),
+        set_mark_in=not args.no_set_mark_in,
     )
 
 
@@ -72,9 +74,10 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.lab_command == "bench":
             return _bench(args)
         opts = lab_options(args)
-        unknown = opts.no_broadcast - {f"c{i}" for i in range(1, opts.clients + 1)}
-        if unknown:
-            return _fail(f"--no-broadcast names no client of this lab: {sorted(unknown)}")
+        clients = {f"c{i}" for i in range(1, opts.clients + 1)}
+        for flag, named in (("--no-broadcast", opts.no_broadcast), ("--nat", opts.nat)):
+            if named - clients:
+                return _fail(f"{flag} names no client of this lab: {sorted(named - clients)}")
         if args.lab_command == "run":
             return runner.run_script(
                 opts, args.script, args.args, kernel=args.kernel, here=args.here

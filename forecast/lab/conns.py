@@ -79,6 +79,7 @@ def gateway_conn(
     mode: GatewayMode,
     if_id: int,
     no_broadcast: frozenset[str] = frozenset(),
+    set_mark_in: bool = True,
 ) -> dict[str, Any]:
     """The gateway's connections: `rw` for everyone, plus one per client in `no_broadcast`
     whose child lacks the broadcast TS. A client proposes 0.0.0.0/0 for `dynamic` before it
@@ -93,7 +94,9 @@ def gateway_conn(
             "esp_proposals": [ESP_PROPOSAL],
         }
         if mode is GatewayMode.FORECAST_BPF:
-            c |= {"if_id_in": str(if_id), "if_id_out": str(if_id), "set_mark_in": "%same"}
+            c |= {"if_id_in": str(if_id), "if_id_out": str(if_id)}
+            if set_mark_in:
+                c["set_mark_in"] = "%same"
         return c
 
     def conn(remote_id: str | None, children: dict[str, Any]) -> dict[str, Any]:

@@ -27,6 +27,8 @@ def child_sas(vici_socket: str) -> list[dict[str, str]]:
                 flat = {k: _s(v) for k, v in child.items() if not isinstance(v, list | dict)}
                 flat["ike"] = _s(ike_name)
                 flat["remote-id"] = _s(ike.get("remote-id", b""))
+                for key in ("remote-host", "remote-port", "nat-any"):  # the IKE_SA's endpoint
+                    flat[f"ike-{key}"] = _s(ike.get(key, b""))
                 flat["remote-vips"] = " ".join(_s(v) for v in ike.get("remote-vips", []))
                 flat["local-vips"] = " ".join(_s(v) for v in ike.get("local-vips", []))
                 flat["remote-ts"] = " ".join(_s(v) for v in child.get("remote-ts", []))

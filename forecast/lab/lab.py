@@ -32,6 +32,11 @@ class LabOptions:
     libipsec: bool = False
     # Clients that do not negotiate the LAN's directed broadcast (by name, e.g. {"c2"}).
     no_broadcast: frozenset[str] = frozenset()
+    # Clients behind a NAT router of their own (by name): UDP-encapsulated ESP, new mappings.
+    nat: frozenset[str] = frozenset()
+    # False: the gateway's children lack set_mark_in, so only the inbound MARK rule marks what
+    # a client sends (forecast-bpf mode).
+    set_mark_in: bool = True
     connect: bool = True
     prefix: str = ""
 
@@ -41,7 +46,10 @@ class Lab:
         self.options = options
         self.log = log or sys.stderr
         self.topology = Topology.plan(
-            options.prefix or netns.unique_prefix("fclab"), options.clients, options.identities
+            options.prefix or netns.unique_prefix("fclab"),
+            options.clients,
+            options.identities,
+            options.nat,
         )
         self.workdir = Path(tempfile.mkdtemp(prefix=f"forecast-{self.topology.prefix}-"))
         self.charons: dict[str, CharonInstance] = {}
@@ -125,6 +133,7 @@ class Lab:
                 mode=opts.mode,
                 if_id=opts.if_id,
                 no_broadcast=opts.no_broadcast,
+                set_mark_in=opts.set_mark_in,
             ),
             secrets=[conns.shared_secret()],
             pools=conns.pool(topo.vip_pool),

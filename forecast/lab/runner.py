@@ -62,6 +62,9 @@ def guest_command(sub: str, opts: LabOptions, extra: list[str]) -> list[str]:
         opts.mode.value,
         "--if-id",
         str(opts.if_id),
+        *(a for name in sorted(opts.no_broadcast) for a in ("--no-broadcast", name)),
+        *(a for name in sorted(opts.nat) for a in ("--nat", name)),
+        *([] if opts.set_mark_in else ["--no-set-mark-in"]),
     ]
     return argv + extra
 

@@ -4,6 +4,11 @@
     c2 ─┼─ br0 (switch netns) ┘
     cN ─┘   clients: eth0 192.168.0.(100+i); virtual IPs from the gateway's pool 10.1.0.128/25
 
+A client may sit behind its own NAT router (`nat`): its eth0 is 10.99.<i>.2 on a link to the
+router's, the router masquerades it onto the switch as 192.168.0.(200+i), to a random port of
+40000-40999 per new mapping, so charon negotiates UDP encapsulation and a new mapping (see
+`renew_nat_mapping`) shows up at the gateway as a new outer port.
+
 A client host may hold several road-warrior identities (`identities`), each its own IKE_SA
 with its own virtual IP: 20 hosts x 50 identities give 1,000 real SAs without 1,000 charons.
 Labs of more than 120 identities draw virtual IPs from 10.1.16.0/20 instead.
@@ -40,6 +45,8 @@ class Host:
     lan_addr: str = ""
     vici_socket: str = ""
     virtual_ip: str = ""
+    nat_router: str = ""  # the namespace of the NAT router in front of it, if any
+    nat_addr: str = ""  # the router's address on the switch: what the gateway sees
 
 
 @dataclass
@@ -58,23 +65,33 @@ class Topology:
     identities: int = 1  # road-warrior identities (IKE_SAs) per client host
 
     @classmethod
-    def plan(cls, prefix: str, clients: int, identities: int = 1) -> Topology:
+    def plan(
+        cls, prefix: str, clients: int, identities: int = 1, nat: frozenset[str] = frozenset()
+    ) -> Topology:
         if not 1 <= clients <= MAX_CLIENTS:
             raise ValueError(f"clients must be 1..{MAX_CLIENTS}, got {clients}")
         if not 1 <= identities <= MAX_IDENTITIES:
             raise ValueError(f"identities must be 1..{MAX_IDENTITIES}, got {identities}")
         if clients * identities > MAX_SAS:
             raise ValueError(f"{clients} x {identities} identities: at most {MAX_SAS} in all")
+        hosts = [
+            Host(f"c{i}", f"{prefix}-c{i}", f"192.168.0.{100 + i}") for i in range(1, clients + 1)
+        ]
+        unknown = nat - {h.name for h in hosts}
+        if unknown:
+            raise ValueError(f"nat names no client of this lab: {sorted(unknown)}")
+        for i, host in enumerate(hosts, 1):
+            if host.name in nat:
+                host.wan_addr = f"10.99.{i}.2"
+                host.nat_router = f"{prefix}-nat{i}"
+                host.nat_addr = f"192.168.0.{200 + i}"
         return cls(
             identities=identities,
             vip_pool=VIP_POOL if clients * identities <= 120 else LARGE_VIP_POOL,
             prefix=prefix,
             gateway=Host("gw", f"{prefix}-gw", GW_WAN_ADDR, GW_LAN_ADDR),
             lan_host=Host("lan", f"{prefix}-lan", lan_addr=LAN_HOST_ADDR),
-            clients=[
-                Host(f"c{i}", f"{prefix}-c{i}", f"192.168.0.{100 + i}")
-                for i in range(1, clients + 1)
-            ],
+            clients=hosts,
             switch_netns=f"{prefix}-sw",
         )
 
@@ -85,6 +102,7 @@ class Topology:
             self.gateway.netns,
             self.lan_host.netns,
             *(c.netns for c in self.clients),
+            *(c.nat_router for c in self.clients if c.nat_router),
         ]
 
     def host(self, name: str) -> Host:
@@ -109,9 +127,13 @@ class Topology:
         netns.run(["ip", "link", "set", "br0", "up"], netns=sw)
         for host in (self.gateway, *self.clients):
             port = f"p-{host.name}"
-            netns.add_veth(port, sw, "eth0", host.netns)
+            on_switch = host.nat_router or host.netns
+            netns.add_veth(port, sw, "eth0", on_switch)
             netns.run(["ip", "link", "set", port, "master", "br0", "up"], netns=sw)
-            self._address(host.netns, "eth0", f"{host.wan_addr}/{WAN_PREFIXLEN}")
+            if host.nat_router:
+                self._nat_router(host)
+            else:
+                self._address(host.netns, "eth0", f"{host.wan_addr}/{WAN_PREFIXLEN}")
         gw, lan = self.gateway.netns, self.lan_host.netns
         netns.add_veth(self.gw_lan_if, gw, "eth0", lan)
         plen = self.lan_net.split("/")[1]
@@ -147,6 +169,30 @@ class Topology:
                 netns=client.netns,
             )
 
+    def _nat_router(self, client: Host) -> None:
+        router, inside = client.nat_router, client.wan_addr.rsplit(".", 1)[0]
+        self._address(router, "eth0", f"{client.nat_addr}/{WAN_PREFIXLEN}")
+        netns.add_veth("eth1", router, "eth0", client.netns)
+        self._address(router, "eth1", f"{inside}.1/24")
+        self._address(client.netns, "eth0", f"{client.wan_addr}/24")
+        netns.run(["ip", "route", "add", "default", "via", f"{inside}.1"], netns=client.netns)
+        netns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], netns=router)
+        netns.run(
+            [
+                "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-p", "udp",
+                "-j", "MASQUERADE", "--to-ports", "40000-40999", "--random",
+            ],
+            netns=router,
+        )  # fmt: skip
+
+    def renew_nat_mapping(self, client: Host) -> None:
+        """The NAT router forgets its mappings, as a home router does when its address is
+        renewed: removing the address makes the kernel drop every masqueraded connection
+        through it; the client's next packet gets a new random outer port."""
+        cidr = f"{client.nat_addr}/{WAN_PREFIXLEN}"
+        netns.run(["ip", "addr", "del", cidr, "dev", "eth0"], netns=client.nat_router)
+        netns.run(["ip", "addr", "add", cidr, "brd", "+", "dev", "eth0"], netns=client.nat_router)
+
     def _address(self, ns: str, ifname: str, cidr: str) -> None:
         netns.run(["ip", "addr", "add", cidr, "brd", "+", "dev", ifname], netns=ns)
         netns.run(["ip", "link", "set", ifname, "up"], netns=ns)
@@ -180,6 +226,10 @@ class Topology:
             identities=int(data.get("identities", 1)),
         )
 
+    @property
+    def nat(self) -> frozenset[str]:
+        return frozenset(c.name for c in self.clients if c.nat_router)
+
     @classmethod
     def load(cls, path: str | Path) -> Topology:
         return cls.from_json(Path(path).read_text())
@@ -200,7 +250,7 @@ class Topology:
         for host in (self.gateway, self.lan_host, *self.clients):
             key = f"FORECAST_LAB_{host.name.upper()}"
             env[f"{key}_NS"] = host.netns
-            for attr in ("wan_addr", "lan_addr", "vici_socket", "virtual_ip"):
+            for attr in ("wan_addr", "lan_addr", "vici_socket", "virtual_ip", "nat_addr"):
                 value = getattr(host, attr)
                 if value:
                     env[f"{key}_{attr.upper()}"] = value

@@ -125,13 +125,23 @@ def send_main(args: argparse.Namespace) -> int:
         )
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
     start = time.monotonic()
+    failed = 0
     for seq in range(args.count):
         payload = f"{args.tag} {seq}" + (" " + "." * (args.pad - 1) if args.pad else "")
-        sock.sendto(payload.encode(), (args.dst, args.port))
+        try:
+            sock.sendto(payload.encode(), (args.dst, args.port))
+        except OSError as exc:
+            # As a real announcer does: a send refused while the IPsec path is being rebuilt
+            # (a client moving, an SA being replaced) is lost, and the next one is tried.
+            failed += 1
+            if failed == 1:
+                print(f"send: {args.tag} {seq}: {exc}", file=sys.stderr)
         if args.interval:
             # Paced on a fixed schedule: a slow step does not lower the rate after it.
             time.sleep(max(0.0, start + (seq + 1) * args.interval - time.monotonic()))
-    return 0
+    if failed:
+        print(f"send: {failed} of {args.count} sends refused", file=sys.stderr)
+    return 1 if failed == args.count else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from forecast import netfilter
 from forecast.lab import conns, ipsec_state, traffic
 from forecast.lab.checks import CheckResult
 from forecast.lab.daemon_run import LabDaemon
@@ -336,8 +337,7 @@ try:
         for line in Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 rss_kb = int(line.split()[1])
-    saved = subprocess.run(["iptables-save", "-t", "mangle"], capture_output=True, text=True)
-    rules = sum(1 for ln in saved.stdout.splitlines() if ln.startswith("-A FORECAST-"))
+    rules = sum(len(held.current()) for held in netfilter.holding())
     report(
         CheckResult(
             f"{N} SAs: status, daemon memory, rules",
@@ -347,6 +347,7 @@ try:
                 "status_lines": len(table.stdout.splitlines()),
                 "daemon_rss_mb": round(rss_kb / 1024, 1),
                 "mark_rules": rules,
+                "netfilter": [held.detail for held in netfilter.holding()],
                 "ready_line": [ln for ln in daemon.log.read_text().splitlines() if "ready:" in ln],
                 "apply_seconds": apply_quantiles(),
             },

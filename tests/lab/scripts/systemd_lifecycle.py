@@ -382,7 +382,7 @@ try:
         )
         # READY=1 follows the first reconcile: at READY the gone SA must already be out.
         routes = sh("ip", "-4", "route", "show", "proto", "252")
-        rules = sh("iptables-save", "-t", "mangle")
+        rules = "\n".join(line for held in netfilter.holding() for line in held.current())
         return {
             "watchdog_fired": "Watchdog timeout" in journal(),
             "gone_at_ready": gone.virtual_ip not in routes and gone.virtual_ip not in rules,
