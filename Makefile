@@ -8,7 +8,7 @@ SETUP    := $(CURDIR)/scripts/setup.sh
 KERNEL   ?= 6.1
 CLIENTS  ?= 2
 
-.PHONY: setup venv test test-unit test-kernel test-lab lint demo deb docs-images bench bench-faults bench-scale clean
+.PHONY: setup venv test test-unit test-kernel test-lab test-reference lint demo deb docs-images bench bench-faults bench-scale clean
 
 setup:
 	@bash $(SETUP)
@@ -31,6 +31,11 @@ test-kernel: venv
 test-lab: venv
 	FORECAST_LAB_KERNEL=$(KERNEL) $(PYTEST) -m lab --durations=0 tests/lab
 
+# strongSwan's plugin in the lab: the reference the benchmarks compare against (not forecast-bpf's
+# tests, so not part of `make test`).
+test-reference: venv
+	FORECAST_LAB_KERNEL=$(KERNEL) $(PYTEST) -m reference --durations=0 tests/reference
+
 lint: venv
 	$(VENV)/bin/ruff check forecast tests
 	$(VENV)/bin/ruff format --check forecast tests
@@ -46,7 +51,7 @@ demo: setup
 
 # forecast-bpf against strongSwan's forecast plugin in the lab, one VM boot, about 11 minutes:
 # build/bench/report.md with plots (BENCHMARKS.md explains the method and shows a full run).
-bench: setup
+bench: setup test-reference
 	$(VENV)/bin/forecast-bpf lab bench --kernel $(KERNEL) --out $(CURDIR)/build/bench
 
 # Scale figures (docs/design.md, Scale): cost per copy by table size and the daemon against

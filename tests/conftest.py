@@ -1,5 +1,6 @@
-"""Tiers by directory: tests/unit, tests/kernel, tests/lab get their marker automatically, so a
-test can never fall out of `make test` by a forgotten decorator."""
+"""Tiers by directory: tests/unit, tests/kernel, tests/lab (and tests/reference, strongSwan's
+plugin, outside `make test`) get their marker automatically, so a test can never fall out of
+its tier by a forgotten decorator."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-TIERS = ("unit", "kernel", "lab")
+TIERS = ("unit", "kernel", "lab", "reference")
 # Recorded from charon 5.9.8 and strongSwan's forecast plugin (copied from shared/fixtures:
 # the repository must test on its own, wherever it is cloned).
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
