@@ -64,6 +64,7 @@ bench-faults: setup
 # 1,000 real SAs on this kernel; verifier cost per chunk size here and on both lab kernels.
 bench-scale: setup
 	$(PY) scripts/bench_scale.py --control-plane 10x100
+	$(PY) scripts/bench_rules.py --sas 1000 4096
 	$(PY) scripts/verifier_cost.py 64 256 512 576
 	$(VENV)/bin/forecast-bpf lab run --kernel 6.1 --clients 1 scripts/verifier_cost.py 64 256 512
 	$(VENV)/bin/forecast-bpf lab run --kernel 6.12 --clients 1 scripts/verifier_cost.py 64 256 512
