@@ -94,6 +94,7 @@ def read(state_file: Path) -> Snapshot:
                 "pid": pid,
                 "vici_connected": state.get("vici_connected", False),
                 "sync_errors": state.get("sync_errors", 0),
+                "netfilter": state.get("netfilter"),
                 "updated": state.get("updated"),
             },
             "sas": sas,
@@ -337,6 +338,7 @@ def _footer(snap: Snapshot) -> list[str]:
             f"daemon pid {daemon['pid']}, VICI "
             f"{'connected' if daemon['vici_connected'] else 'DISCONNECTED'}, "
             f"sync errors {daemon['sync_errors']}"
+            + (f", MARK rules in {daemon['netfilter']}" if daemon.get("netfilter") else "")
         )
     else:
         lines.append(

@@ -145,6 +145,12 @@ def test_connect_rekey_disconnect_stop(running_on: tuple[Running, str]) -> None:
     doc = json.loads(out.stdout)
     assert doc["schema"] == 1 and len(doc["sas"]) == 2
     assert {sa["remote_id"] for sa in doc["sas"]} == {"c1@forecast.lab", "c2@forecast.lab"}
+    assert doc["daemon"]["netfilter"].startswith(backend), doc["daemon"]
+    # libipsec forces UDP encapsulation: each client is seen at its address, port 4500.
+    assert {(sa["remote_host"], sa["remote_port"], sa["udp_encap"]) for sa in doc["sas"]} == {
+        (c1.wan_addr, 4500, True),
+        (c2.wan_addr, 4500, True),
+    }
     assert all(sa["counters"]["lan_to_sa"]["packets"] == 0 for sa in doc["sas"])
 
     # -- rekey: same slot and mark, new SPI ------------------------------------------------
@@ -287,4 +293,8 @@ def test_a_client_that_moves_keeps_its_inbound_rule(
     assert not _has_rule(rules, backend, "PREROUTING", old), rules
     log = running.log.read_text()
     assert "SA moved: rw/rw" in log and "-> 192.168.0.201:4500" in log, log[-2000:]
+    running.wait(
+        "status at the new address",
+        lambda s: [v["remote_host"] for v in s["slots"].values()] == ["192.168.0.201"],
+    )
     figures(f"{backend}: MOBIKE move, address change -> inbound rule moved in {took:.2f} s")

@@ -118,3 +118,27 @@ def test_drops_per_sa_and_who_is_over_its_rate() -> None:
         "#10004 client0004@roadwarriors.example.com 40, "
         "#10001 client0001@roadwarriors.example.com 5 and 1 more"
     ) in out
+
+
+def test_footer_says_where_the_mark_rules_are() -> None:
+    daemon: dict[str, object] = {
+        "running": True,
+        "pid": 7,
+        "vici_connected": True,
+        "sync_errors": 0,
+    }
+    doc = {
+        "daemon": daemon,
+        "sas": [_sa(0)],
+        "totals": {k: {"packets": 0, "bytes": 0} for k in ("lan_to_sa", "sa_to_lan", "sa_to_sa")},
+        "drops": {},
+        "ignored": {},
+    }
+    before = status.render_table(status.Snapshot(doc), view=status.View(width=200))
+    assert "daemon pid 7, VICI connected, sync errors 0" in before.splitlines()
+    daemon["netfilter"] = "nftables, table inet forecast_bpf"
+    out = status.render_table(status.Snapshot(doc), view=status.View(width=200))
+    assert (
+        "daemon pid 7, VICI connected, sync errors 0, "
+        "MARK rules in nftables, table inet forecast_bpf"
+    ) in out.splitlines()
