@@ -40,15 +40,18 @@ def signature(rule: MarkRule) -> Signature:
     return (rule.chain, rule.comment, rule.mark)
 
 
+TOOLS = {"nftables": rules_nft.NFT, "iptables": rules_iptables.IPTABLES}
+
+
 def resolve(kind: str, netns: str | None = None) -> str:
     """The back end `kind` means on this host: `auto` becomes nftables or iptables."""
     if kind not in BACKENDS:
         raise NetfilterError(f"netfilter back end {kind!r} is not one of {', '.join(BACKENDS)}")
     if kind != "auto":
         return kind
-    if not installed(rules_nft.NFT):
+    if not installed(TOOLS["nftables"]):
         return "iptables"
-    if installed(rules_iptables.IPTABLES) and rules_iptables.variant(netns) == "legacy":
+    if installed(TOOLS["iptables"]) and rules_iptables.variant(netns) == "legacy":
         return "iptables"
     return "nftables"
 
@@ -63,24 +66,19 @@ def choose(kind: str, netns: str | None = None) -> RuleSet:
     return _make(resolve(kind, netns), netns)
 
 
+def _installed(netns: str | None) -> list[RuleSet]:
+    """A rule set of every back end whose tool this host has."""
+    return [_make(kind, netns) for kind, tool in TOOLS.items() if installed(tool)]
+
+
 def others(chosen: RuleSet, netns: str | None = None) -> list[RuleSet]:
     """The back ends other than `chosen` that this host has, to clear what they hold."""
-    tools = {"nftables": rules_nft.NFT, "iptables": rules_iptables.IPTABLES}
-    return [
-        _make(kind, netns)
-        for kind, tool in tools.items()
-        if kind != chosen.name and installed(tool)
-    ]
+    return [rules for rules in _installed(netns) if rules.name != chosen.name]
 
 
 def holding(netns: str | None = None) -> list[RuleSet]:
     """Every back end on this host that holds rules of ours (to check nothing is left)."""
-    tools = (("nftables", rules_nft.NFT), ("iptables", rules_iptables.IPTABLES))
-    return [
-        rules
-        for rules in (_make(kind, netns) for kind, tool in tools if installed(tool))
-        if rules.present()
-    ]
+    return [rules for rules in _installed(netns) if rules.present()]
 
 
 def remove_all(netns: str | None = None) -> list[str]:
