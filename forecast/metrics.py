@@ -71,9 +71,11 @@ class ForecastCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         d = self.daemon
         info = GaugeMetricFamily(
-            "forecast_build_info", "forecast-bpf build; always 1", labels=["version", "kernel"]
+            "forecast_build_info",
+            "forecast-bpf build; always 1. netfilter: the back end holding the MARK rules",
+            labels=["version", "kernel", "netfilter"],
         )
-        info.add_metric([__version__, platform.release()], 1)
+        info.add_metric([__version__, platform.release(), d.rules.name if d.rules else ""], 1)
         yield info
 
         packets = CounterMetricFamily(

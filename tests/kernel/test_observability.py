@@ -136,7 +136,10 @@ def test_prometheus_scrapes_and_every_panel_returns_data(
         re.M,
     ), exposition
     assert re.search(
-        r'^forecast_build_info\{kernel=".+",version="0\.1\.0"\} 1\.0$', exposition, re.M
+        r'^forecast_build_info\{kernel=".+",netfilter="(nftables|iptables)",'
+        r'version="0\.1\.0"\} 1\.0$',
+        exposition,
+        re.M,
     )
     assert "forecast_vici_connected 1.0" in exposition
     # Apply times: at least the start-up snapshot and the two connects' event bursts.
