@@ -377,9 +377,8 @@ class Daemon:
         self.written = kernel_slots
         self.slot_by_mark = {entry.mark_in: slot for slot, entry in kernel_slots.items()}
         self.datapath.targets.read()
-        if self.rules_applied is not None and (
-            self.rules.signatures() != Counter(map(netfilter.signature, self.rules_applied))
-            or not self.rules.hooked()
+        if self.rules_applied is not None and not self.rules.holds(
+            Counter(map(netfilter.signature, self.rules_applied))
         ):
             log.warning("our MARK rules were changed by someone else: rewriting them")
             self.rules_applied = None

@@ -144,6 +144,10 @@ class IptablesRules:
             ] += 1
         return out
 
+    def holds(self, expected: Counter[Signature]) -> bool:
+        """Exactly these rules, in chains jumped to from their hooks."""
+        return self.signatures() == expected and self.hooked()
+
     def remove(self) -> None:
         """Unhook and delete our chains; nothing of ours is left, nothing else is touched."""
         for hook, chain in CHAINS.items():

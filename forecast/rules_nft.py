@@ -119,6 +119,20 @@ def _signature_of(rule: dict[str, Any]) -> Signature:
     return (hook, str(rule["comment"]), int(last["value"]))
 
 
+def _signatures_in(listing: list[dict[str, Any]]) -> Counter[Signature]:
+    return Counter(_signature_of(item["rule"]) for item in listing if "rule" in item)
+
+
+def _hooked_in(listing: list[dict[str, Any]]) -> bool:
+    chains = {item["chain"]["name"]: item["chain"] for item in listing if "chain" in item}
+    return all(
+        name in chains
+        and {k: chains[name].get(k) for k in ("type", "hook", "prio")}
+        == {k: _chain_object(name)[k] for k in ("type", "hook", "prio")}
+        for name in CHAINS.values()
+    )
+
+
 class NftRules:
     """Our table in one network namespace (None: the caller's)."""
 
@@ -171,17 +185,7 @@ class NftRules:
 
     def hooked(self) -> bool:
         """Are both our chains there, on their hooks, at our priority?"""
-        chains = {
-            item["chain"]["name"]: item["chain"]
-            for item in self._listing() or []
-            if "chain" in item
-        }
-        return all(
-            name in chains
-            and {k: chains[name].get(k) for k in ("type", "hook", "prio")}
-            == {k: _chain_object(name)[k] for k in ("type", "hook", "prio")}
-            for name in CHAINS.values()
-        )
+        return _hooked_in(self._listing() or [])
 
     def apply(self, rules: Iterable[MarkRule], known: Sequence[MarkRule] | None = None) -> None:
         """Make our table hold `rules` in one transaction. `known`: what it holds now, when
@@ -235,9 +239,13 @@ class NftRules:
 
     def signatures(self) -> Counter[Signature]:
         """Our table's rules as (hook, comment, mark), to compare with what was applied."""
-        return Counter(
-            _signature_of(item["rule"]) for item in self._listing() or [] if "rule" in item
-        )
+        return _signatures_in(self._listing() or [])
+
+    def holds(self, expected: Counter[Signature]) -> bool:
+        """Exactly these rules, in chains on their hooks: one listing for both questions (at
+        thousands of rules, reading the table is most of the daemon's resync)."""
+        listing = self._listing() or []
+        return _signatures_in(listing) == expected and _hooked_in(listing)
 
     def remove(self) -> None:
         """Delete our table: every rule and chain of ours at once, nothing else touched."""

@@ -173,10 +173,20 @@ def test_connect_rekey_disconnect_stop(running_on: tuple[Running, str]) -> None:
     gw_charon = lab.charons["gw"]
     gw_charon.stop()
     running.wait("VICI gone", lambda s: not s["vici_connected"])
+    # Meanwhile someone adds a rule of their own to ours: the read-back at the reconnect
+    # finds it (one listing in nftables) and the rules are written whole again.
+    foreign = {
+        "iptables": ["iptables", "-t", "mangle", "-A", "FORECAST-PRE", "-j", "ACCEPT"],
+        "nftables": ["nft", "add rule inet forecast_bpf prerouting accept"],
+    }[backend]
+    netns.run(foreign, netns=running.gw)
+    assert any(r.endswith(("-j ACCEPT", "accept")) for r in _rule_lines(running.rules()))
     gw_charon.start()
     lab.load_gateway()
     running.wait("reconnected, no SAs", lambda s: s["vici_connected"] and not s["slots"])
     assert not any(c1.virtual_ip in r for r in running.rules())
+    assert _rule_lines(running.rules()) == []  # the foreign rule went with the rewrite
+    assert "our MARK rules were changed by someone else: rewriting them" in running.log.read_text()
     lab.connect("c1")
     running.wait("c1 back after the restart", lambda s: len(s["slots"]) == 1)
     before = _rule_lines(running.rules())

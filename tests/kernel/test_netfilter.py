@@ -198,22 +198,23 @@ def _nft_handles(ns: str) -> dict[str, int]:
 def test_signatures_see_someone_elses_edit(rules: netfilter.RuleSet, nsname: str) -> None:
     applied = [_rule("PREROUTING", _vip(129), 2)]
     rules.apply(applied)
-    assert rules.signatures() == _signatures(applied)
+    assert rules.signatures() == _signatures(applied) and rules.holds(_signatures(applied))
     if rules.name == "iptables":
         netns.run(["iptables", "-t", "mangle", "-A", "FORECAST-PRE", "-j", "ACCEPT"], netns=nsname)
     else:
         netns.run(["nft", "add rule inet forecast_bpf prerouting accept"], netns=nsname)
     assert rules.signatures() != _signatures(applied)
+    assert not rules.holds(_signatures(applied))
     rules.apply(applied)  # a whole write repairs it
-    assert rules.signatures() == _signatures(applied)
+    assert rules.signatures() == _signatures(applied) and rules.holds(_signatures(applied))
     # A hook that lost our chain is seen too.
     if rules.name == "iptables":
         netns.run(["iptables", "-t", "mangle", "-D", "OUTPUT", "-j", "FORECAST-OUT"], netns=nsname)
     else:
         netns.run(["nft", "delete chain inet forecast_bpf output"], netns=nsname)
-    assert not rules.hooked()
+    assert not rules.hooked() and not rules.holds(_signatures(applied))
     rules.apply(applied)
-    assert rules.hooked()
+    assert rules.hooked() and rules.holds(_signatures(applied))
 
 
 def test_marks_reach_real_packets(rules: netfilter.RuleSet, nsname: str) -> None:
