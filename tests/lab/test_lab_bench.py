@@ -1,5 +1,5 @@
 """`forecast-bpf lab bench --quick` in the session's lab VM: both forwarders, 2 clients, 64 B,
-two rates, three connects. It checks that every figure of the report exists and is sane (the
+three rates, five connects. It checks that every figure of the report exists and is sane (the
 benchmark must not rot), not that forecast-bpf beats a threshold: that is BENCHMARKS.md's job."""
 
 from __future__ import annotations
