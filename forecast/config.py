@@ -242,6 +242,12 @@ def _address_port(where: str, value: Any) -> str:
     return value
 
 
+def _one_of(where: str, value: Any, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(options)}")
+    return str(value)
+
+
 def _path(where: str, value: Any) -> Path:
     if not isinstance(value, str) or not value.startswith("/"):
         raise ConfigError(f"{where}: expected an absolute path, got {value!r}")
@@ -297,19 +303,9 @@ def parse(data: Any, source: str = "<config>") -> Config:
             )
         kw["metrics_per_sa"] = data["metrics_per_sa"]
     if "log_level" in data:
-        level = data["log_level"]
-        if level not in LOG_LEVELS:
-            raise ConfigError(
-                f"{source}: log_level: {level!r} is not one of {', '.join(LOG_LEVELS)}"
-            )
-        kw["log_level"] = level
+        kw["log_level"] = _one_of(f"{source}: log_level", data["log_level"], LOG_LEVELS)
     if "netfilter" in data:
-        backend = data["netfilter"]
-        if backend not in NETFILTER_BACKENDS:
-            raise ConfigError(
-                f"{source}: netfilter: {backend!r} is not one of {', '.join(NETFILTER_BACKENDS)}"
-            )
-        kw["netfilter"] = backend
+        kw["netfilter"] = _one_of(f"{source}: netfilter", data["netfilter"], NETFILTER_BACKENDS)
     if "pin_dir" in data:
         kw["pin_dir"] = _path(f"{source}: pin_dir", data["pin_dir"])
     if "state_file" in data:
