@@ -67,14 +67,15 @@ def choose(kind: str, netns: str | None = None) -> RuleSet:
     return _make(resolve(kind, netns), netns)
 
 
-def _installed(netns: str | None) -> list[RuleSet]:
-    """A rule set of every back end whose tool this host has."""
-    return [_make(kind, netns) for kind, tool in TOOLS.items() if installed(tool)]
+def _installed(netns: str | None, but: str = "") -> list[RuleSet]:
+    """A rule set of every back end whose tool this host has (but the one named `but`: making
+    one runs its tool, a process worth saving at every start)."""
+    return [_make(kind, netns) for kind, tool in TOOLS.items() if kind != but and installed(tool)]
 
 
 def others(chosen: RuleSet, netns: str | None = None) -> list[RuleSet]:
     """The back ends other than `chosen` that this host has, to clear what they hold."""
-    return [rules for rules in _installed(netns) if rules.name != chosen.name]
+    return _installed(netns, but=chosen.name)
 
 
 def holding(netns: str | None = None) -> list[RuleSet]:
