@@ -1,5 +1,6 @@
 """`forecast-bpf lab bench --quick` in the session's lab VM: both forwarders, 2 clients, 64 B,
-three rates, five connects. It checks that every figure of the report exists and is sane (the
+three rates of 2-s steps (the gateway's CPU is read in 10 ms ticks: a 1-s step can be a few
+ticks), five connects. It checks that every figure of the report exists and is sane (the
 benchmark must not rot), not that forecast-bpf beats a threshold: that is BENCHMARKS.md's job."""
 
 from __future__ import annotations
