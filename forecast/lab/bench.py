@@ -105,18 +105,19 @@ def cpus_now() -> tuple[Cpu, Cpu]:
 def background(windows: int = 5, seconds: float = 0.4) -> tuple[Cpu, Cpu]:
     """CPU per second with no traffic (charons, the daemon's timers): subtracted from steps.
 
-    The quietest of several short windows: one window that catches a burst (the daemon's
+    The median of several short windows: one window that catches a burst (the daemon's
     periodic resync, a charon timer) would be subtracted from every step of the series and could
-    floor a whole step's figure to zero."""
+    floor a whole step's figure to zero; the quietest window would leave the usual background in
+    every figure."""
     samples: list[tuple[Cpu, Cpu]] = []
     for _ in range(windows):
         lab0, gw0 = cpus_now()
         time.sleep(seconds)
         lab1, gw1 = cpus_now()
         samples.append(((lab1 - lab0).scaled(1 / seconds), (gw1 - gw0).scaled(1 / seconds)))
-    return min((s[0] for s in samples), key=lambda c: c.total), min(
-        (s[1] for s in samples), key=lambda c: c.total
-    )
+    lab = sorted((s[0] for s in samples), key=lambda c: c.total)
+    gw = sorted((s[1] for s in samples), key=lambda c: c.total)
+    return lab[windows // 2], gw[windows // 2]
 
 
 # -- one CPU for the gateway -------------------------------------------------------------------
