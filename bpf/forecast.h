@@ -13,8 +13,13 @@
 #define FC_MAX_SAS 8448 /* FC_CHUNK * FC_TAIL_CALLS */
 /* Remote traffic selectors per SA that can hold a multicast/broadcast destination. */
 #define FC_MAX_TS 4
-/* Multicast groups forwarded from the LAN (the plugin's `groups`). */
+/* Multicast groups forwarded from the LAN (the plugin's `groups`), per address family. */
 #define FC_MAX_GROUPS 16
+
+/* Address families: totals per family (fc_family_counters), the walker slot per family. */
+#define FC_FAMILY_IPV4 0
+#define FC_FAMILY_IPV6 1
+#define FC_FAMILIES 2
 
 /* Counter directions, per SA slot: counters[slot * FC_DIRS + dir]. */
 #define FC_DIR_LAN_TO_SA 0 /* LAN multicast/broadcast copied to this SA */
@@ -26,14 +31,14 @@
 #define FC_DROP_CLONE_TO_SA 0     /* bpf_clone_redirect to the XFRM interface failed */
 #define FC_DROP_CLONE_TO_LAN 1    /* bpf_clone_redirect to the LAN device failed */
 #define FC_DROP_UNKNOWN_ORIGIN 2  /* decrypted packet whose mark names no SA in the table */
-#define FC_DROP_MALFORMED 3       /* no complete IPv4 header where one must be */
+#define FC_DROP_MALFORMED 3       /* no complete IPv4/IPv6 header where one must be */
 #define FC_DROP_NO_HEADROOM 4     /* no room for the LAN copy's Ethernet header */
 #define FC_DROP_CHAIN 5           /* the walker's tail call failed: the rest of a list got no copy */
 #define FC_DROP_STORM_LAN 6       /* LAN multicast/broadcast over the LAN's rate: no copies */
 #define FC_DROP_STORM_SA 7        /* a client's packet over its SA's rate: no copies (sa_drops) */
 #define FC_DROP_GROUP_TO_LAN 8    /* a client's packet to a group not forwarded to the LAN */
 #define FC_DROP_GROUP_TO_SAS 9    /* a client's packet to a group not forwarded to other clients */
-#define FC_DROP_TTL 10            /* TTL 0: no sender may emit it, so no copy either */
+#define FC_DROP_TTL 10            /* TTL (hop limit) 0: no sender may emit it, nor a copy */
 #define FC_DROPS 11
 
 /* Per-SA drop reasons: sa_drops[slot * FC_SA_DROPS + reason]; packets from (or copies to) the
@@ -64,12 +69,23 @@ struct fc_ts {
 	__u32 mask; /* network byte order; 0 matches everything (0.0.0.0/0) */
 };
 
+struct fc_in6 {
+	__u32 addr[4]; /* network byte order */
+};
+
+struct fc_ts6 {
+	__u32 addr[4]; /* network byte order, already masked */
+	__u32 mask[4]; /* network byte order; all 0 matches everything (::/0) */
+};
+
 struct fc_sa {
 	__u32 flags;
 	__u32 mark_out; /* set on copies to this SA: selects its outbound policy */
 	__u32 mark_in;  /* carried by its decrypted packets (set_mark_in = %same) */
 	__u32 n_ts;
 	struct fc_ts ts[FC_MAX_TS];
+	__u32 n_ts6;
+	struct fc_ts6 ts6[FC_MAX_TS];
 };
 
 /* A rate limit as the programs apply it: at most burst_ns / interval_ns packets at once, then
@@ -97,6 +113,10 @@ struct fc_config {
 	__u8 pad[6]; /* the rates start 8-aligned: no hidden padding */
 	struct fc_rate lan_rate; /* LAN multicast/broadcast, all copies of a packet count once */
 	struct fc_rate sa_rate;  /* each client SA's multicast/broadcast */
+	__u32 n_groups6;
+	__u32 group6_dirs[FC_MAX_GROUPS]; /* as group_dirs, for groups6 */
+	struct fc_in6 groups6[FC_MAX_GROUPS];
+	__u32 pad6; /* a whole number of 8-byte units: no hidden padding */
 };
 
 /* fc_targets[fc_target_key(gen, list, i)] = slot; fc_list_len[fc_list_key(gen, list)] = n. */
@@ -105,8 +125,15 @@ struct fc_config {
 #define FC_CB_GEN 0
 #define FC_CB_NEXT 1  /* next list index to walk */
 #define FC_CB_MARK 2  /* the packet's own mark: restored at the end, and names its origin SA */
-#define FC_CB_DADDR 3
+#define FC_CB_DADDR 3 /* IPv4: the destination. IPv6: the offset of the IPv6 header (a 16-byte
+		       * destination does not fit in cb; the walker reads it from the packet) */
 #define FC_CB_LEN 4
+
+/* The walker of each family, by its index in fc_chain: the entry program picks one, and each
+ * walker tail-calls itself. Two walkers, not one with a branch: each keeps the verifier cost of
+ * one family's selector test in its 256-entry loop. */
+#define FC_WALK_IPV4 FC_FAMILY_IPV4
+#define FC_WALK_IPV6 FC_FAMILY_IPV6
 
 /* fc_marks: SA inbound mark (mark_in) → its slot, so a decrypted packet's origin is one lookup,
  * not a second scan of the table (two scans in one program exceed the verifier's budget). */

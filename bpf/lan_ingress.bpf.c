@@ -1,7 +1,8 @@
-/* LAN ingress: multicast in `groups` and broadcast from the LAN → one copy to every SA whose
- * remote traffic selectors contain the destination. The original continues untouched.
- * fc_lan_ingress classifies and hands the packet to fc_lan_walk, which copies it to each SA of
- * the LAN target list, a chunk per tail call (forecast.h).
+/* LAN ingress: multicast in `groups` and broadcast from the LAN, IPv4 and IPv6 → one copy to
+ * every SA whose remote traffic selectors contain the destination. The original continues
+ * untouched. fc_lan_ingress classifies and hands the packet to its family's walker
+ * (fc_lan_walk, fc_lan_walk6), which copies it to each SA of the LAN target list, a chunk per
+ * tail call (forecast.h).
  *
  * A copy must go to the XFRM interface with the SA's mark: its transmit path routes the copy,
  * looks the policy up by (mark, if_id) and encrypts. Any other device sends it in clear or not
@@ -26,17 +27,29 @@ static __always_inline void fc_drop(u32 reason)
 	fc_drop_add(fc_drops.lookup(&reason));
 }
 
-/* One chunk of the LAN list from cb[FC_CB_NEXT] on, then itself for the next chunk. */
-int fc_lan_walk(struct __sk_buff *skb)
+/* One chunk of the LAN list from cb[FC_CB_NEXT] on, then itself for the next chunk. `family`
+ * is a constant in each walker below, so each is compiled with one selector test only. */
+static __always_inline int fc_lan_walk_family(struct __sk_buff *skb, const u32 family)
 {
 	u32 zero = 0, gen = skb->cb[FC_CB_GEN], next = skb->cb[FC_CB_NEXT];
 	u32 orig_mark = skb->cb[FC_CB_MARK], daddr = skb->cb[FC_CB_DADDR], len = skb->cb[FC_CB_LEN];
 	u32 list_key = fc_list_key(gen, FC_LIST_LAN);
 	struct fc_config *cfg = fc_config.lookup(&zero);
 	u32 *count = fc_list_len.lookup(&list_key);
+	u32 family_key = fc_family_key(family, FC_DIR_LAN_TO_SA);
+	/* Looked up once: a copy count carried through the loop would multiply the verifier's
+	 * states by every value it can take. */
+	struct fc_counter *family_total = fc_family_counters.lookup(&family_key);
+	__u32 daddr6[4] = {};
 	u32 end;
 
-	if (!cfg || !count)
+	/* Every check ahead of the loop: each branch inside it is verified once per entry, and
+	 * the walker is close to the verifier's limit (docs/design.md, Scale). */
+	if (!cfg || !count || !family_total)
+		goto out;
+	if (family == FC_FAMILY_IPV6 &&
+	    bpf_skb_load_bytes(skb, daddr + __builtin_offsetof(struct fc_ip6hdr, daddr), daddr6,
+			       sizeof(daddr6)) < 0)
 		goto out;
 	end = *count;
 	for (u32 k = 0; k < FC_CHUNK; k++) {
@@ -51,13 +64,16 @@ int fc_lan_walk(struct __sk_buff *skb)
 			break;
 		slot = *target;
 		sa = fc_sas.lookup(&slot);
-		if (!sa || !(sa->flags & FC_SA_ACTIVE) || !fc_sa_wants(sa, daddr))
+		if (!sa || !(sa->flags & FC_SA_ACTIVE) ||
+		    (family == FC_FAMILY_IPV6 ? !fc_sa_wants6(sa, daddr6) : !fc_sa_wants(sa, daddr)))
 			continue;
 		/* Without the barrier the verifier sees a modified ctx pointer (docs/design.md). */
 		asm volatile("" : "+r"(skb));
 		skb->mark = sa->mark_out;
 		if (bpf_clone_redirect(skb, cfg->xfrm_ifindex, 0) == 0) {
 			fc_count(slot, FC_DIR_LAN_TO_SA, len);
+			family_total->packets += 1;
+			family_total->bytes += len;
 		} else {
 			u32 sa_key = fc_sa_drop_key(slot, FC_SA_DROP_CLONE);
 
@@ -68,7 +84,7 @@ int fc_lan_walk(struct __sk_buff *skb)
 	if (next + FC_CHUNK < end) {
 		asm volatile("" : "+r"(skb));
 		skb->cb[FC_CB_NEXT] = next + FC_CHUNK;
-		fc_chain.call(skb, 0);
+		fc_chain.call(skb, family);
 		fc_drop(FC_DROP_CHAIN); /* only reached when the tail call failed */
 	}
 out:
@@ -77,21 +93,84 @@ out:
 	return TC_ACT_OK;
 }
 
+int fc_lan_walk(struct __sk_buff *skb)
+{
+	return fc_lan_walk_family(skb, FC_FAMILY_IPV4);
+}
+
+int fc_lan_walk6(struct __sk_buff *skb)
+{
+	return fc_lan_walk_family(skb, FC_FAMILY_IPV6);
+}
+
+/* Hand the packet to its family's walker: one LAN token per packet however many copies it
+ * makes, so the bucket bounds what the LAN can make the gateway encrypt (rate × SAs). */
+static __always_inline int fc_lan_start(struct __sk_buff *skb, const struct fc_config *cfg,
+					 u32 gen, u32 family, u32 daddr, u32 len)
+{
+	u32 lan_bucket = FC_BUCKET_LAN;
+	/* One generation for the whole walk: the daemon only rewrites the other one. */
+	u32 list_key = fc_list_key(gen, FC_LIST_LAN);
+	u32 *count = fc_list_len.lookup(&list_key);
+
+	if (!count || !*count)
+		return TC_ACT_OK;
+	if (!fc_rate_ok(fc_buckets.lookup(&lan_bucket), &cfg->lan_rate)) {
+		fc_drop(FC_DROP_STORM_LAN);
+		return TC_ACT_OK;
+	}
+	skb->cb[FC_CB_GEN] = gen;
+	skb->cb[FC_CB_NEXT] = 0;
+	skb->cb[FC_CB_MARK] = skb->mark;
+	skb->cb[FC_CB_DADDR] = daddr;
+	skb->cb[FC_CB_LEN] = len;
+	fc_chain.call(skb, family);
+	fc_drop(FC_DROP_CHAIN);
+	return TC_ACT_OK;
+}
+
+static __always_inline int fc_lan_ingress6(struct __sk_buff *skb, const struct fc_config *cfg,
+					    u32 gen)
+{
+	struct fc_ip6hdr ip6;
+
+	if (fc_load_ip6(skb, ETH_HLEN, &ip6, 0) < 0) {
+		fc_drop(FC_DROP_MALFORMED);
+		return TC_ACT_OK;
+	}
+	if (!fc_is_multicast6(ip6.daddr))
+		return TC_ACT_OK;
+	if (!(fc_group6_dirs(cfg, ip6.daddr) & (1 << FC_DIR_LAN_TO_SA)))
+		return TC_ACT_OK;
+	if (fc_is_dhcp6(skb, ETH_HLEN, &ip6))
+		return TC_ACT_OK;
+	if (ip6.hop_limit == 0) {
+		fc_drop(FC_DROP_TTL);
+		return TC_ACT_OK;
+	}
+	return fc_lan_start(skb, cfg, gen, FC_FAMILY_IPV6, ETH_HLEN,
+			    FC_IP6_HLEN + bpf_ntohs(ip6.payload_len));
+}
+
 int fc_lan_ingress(struct __sk_buff *skb)
 {
-	u32 zero = 0, lan_bucket = FC_BUCKET_LAN;
+	u32 zero = 0;
 	struct fc_config *cfg = fc_config.lookup(&zero);
 	u32 *gen = fc_gen.lookup(&zero);
 	struct iphdr ip;
-	u32 daddr, list_key, *count;
+	u32 daddr;
 	int bcast;
 
-	if (!cfg || !gen || !cfg->xfrm_ifindex || skb->protocol != bpf_htons(ETH_P_IP))
+	if (!cfg || !gen || !cfg->xfrm_ifindex)
+		return TC_ACT_OK;
+	if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(FC_ETH_P_IPV6))
 		return TC_ACT_OK;
 	/* A tagged frame belongs to another VLAN's interface; a frame for another host's MAC is
 	 * one the gateway itself would not receive (promiscuous mode, a bridge port). */
 	if (skb->vlan_present || skb->pkt_type == FC_PACKET_OTHERHOST)
 		return TC_ACT_OK;
+	if (skb->protocol == bpf_htons(FC_ETH_P_IPV6))
+		return fc_lan_ingress6(skb, cfg, *gen);
 	if (fc_load_ip(skb, ETH_HLEN, &ip, 0) < 0) {
 		fc_drop(FC_DROP_MALFORMED); /* the stack drops it too; counted to say why */
 		return TC_ACT_OK;
@@ -108,23 +187,5 @@ int fc_lan_ingress(struct __sk_buff *skb)
 		fc_drop(FC_DROP_TTL);
 		return TC_ACT_OK;
 	}
-	/* One generation for the whole walk: the daemon only rewrites the other one. */
-	list_key = fc_list_key(*gen, FC_LIST_LAN);
-	count = fc_list_len.lookup(&list_key);
-	if (!count || !*count)
-		return TC_ACT_OK;
-	/* One token per LAN packet however many copies it makes: the bucket bounds what the LAN
-	 * can make the gateway encrypt to (rate × SAs). */
-	if (!fc_rate_ok(fc_buckets.lookup(&lan_bucket), &cfg->lan_rate)) {
-		fc_drop(FC_DROP_STORM_LAN);
-		return TC_ACT_OK;
-	}
-	skb->cb[FC_CB_GEN] = *gen;
-	skb->cb[FC_CB_NEXT] = 0;
-	skb->cb[FC_CB_MARK] = skb->mark;
-	skb->cb[FC_CB_DADDR] = daddr;
-	skb->cb[FC_CB_LEN] = bpf_ntohs(ip.tot_len);
-	fc_chain.call(skb, 0);
-	fc_drop(FC_DROP_CHAIN);
-	return TC_ACT_OK;
+	return fc_lan_start(skb, cfg, *gen, FC_FAMILY_IPV4, daddr, bpf_ntohs(ip.tot_len));
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from ipaddress import AddressValueError, IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,10 @@ from forecast import layout
 DEFAULT_PATH = Path("/etc/forecast-bpf/forecast-bpf.yaml")
 # The plugin's default: host multicasts, IGMP, mDNS, LLMNR, SSDP/WS-Discovery.
 DEFAULT_GROUPS = ("224.0.0.1", "224.0.0.22", "224.0.0.251", "224.0.0.252", "239.255.255.250")
+# The same discovery over IPv6 (which the plugin does not forward): mDNS, LLMNR,
+# SSDP/WS-Discovery. Not ff02::1: all-nodes carries the LAN router's advertisements, which
+# must not configure a client's tunnel.
+DEFAULT_GROUPS6 = ("ff02::fb", "ff02::1:3", "ff02::c")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NETFILTER_BACKENDS = ("auto", "nftables", "iptables")
 IFNAMSIZ = 15
@@ -56,21 +60,25 @@ class StormGuard:
     lan: RateLimit = DEFAULT_LAN  # the LAN's, one token per packet however many copies
 
 
+Group = IPv4Address | IPv6Address
+
+
 @dataclass(frozen=True)
 class ClientGroups:
     """Multicast groups a client's packets are forwarded to, per direction; None: any group
     (the plugin's behaviour). Broadcast always goes both ways."""
 
-    to_lan: tuple[IPv4Address, ...] | None
-    to_clients: tuple[IPv4Address, ...] | None
+    to_lan: tuple[Group, ...] | None  # either family
+    to_clients: tuple[Group, ...] | None
 
 
 @dataclass(frozen=True)
 class Config:
     interface: str | None = None  # None: first interface with an IPv4 broadcast
     groups: tuple[IPv4Address, ...] = tuple(IPv4Address(g) for g in DEFAULT_GROUPS)
+    groups6: tuple[IPv6Address, ...] = tuple(IPv6Address(g) for g in DEFAULT_GROUPS6)
     reinject: frozenset[str] = frozenset()
-    # None: the `groups` list in both directions (resolved by `client_groups_for`)
+    # None: the `groups` and `groups6` lists in both directions (`client_groups_for`)
     client_groups: ClientGroups | None = None
     storm_guard: StormGuard = field(default_factory=StormGuard)
     xfrm: XfrmConfig = field(default_factory=XfrmConfig)
@@ -89,6 +97,7 @@ class Config:
 KEYS = {
     "interface",
     "groups",
+    "groups6",
     "reinject",
     "client_groups",
     "storm_guard",
@@ -108,9 +117,14 @@ RATE_KEYS = {"rate", "burst"}
 MAX_RATE = 10_000_000  # packets/s; beyond it a limit means nothing on one gateway
 
 
+def lan_groups(cfg: Config) -> tuple[Group, ...]:
+    """The groups forwarded from the LAN to clients, both families."""
+    return (*cfg.groups, *cfg.groups6)
+
+
 def client_groups_for(cfg: Config) -> ClientGroups:
     """What clients may send, per direction: the explicit setting, or the LAN's own groups."""
-    return cfg.client_groups or ClientGroups(to_lan=cfg.groups, to_clients=cfg.groups)
+    return cfg.client_groups or ClientGroups(to_lan=lan_groups(cfg), to_clients=lan_groups(cfg))
 
 
 def _ifname(where: str, value: Any) -> str:
@@ -128,25 +142,47 @@ def _ifname(where: str, value: Any) -> str:
     return value
 
 
-def _groups(where: str, value: Any) -> tuple[IPv4Address, ...]:
+FAMILY_NAMES = {4: "IPv4", 6: "IPv6"}
+MULTICAST_RANGES = {4: "224.0.0.0/4", 6: "ff00::/8"}
+
+
+def _group_list(where: str, value: Any, families: tuple[int, ...], empty_ok: bool) -> list[Group]:
     if isinstance(value, str):
         value = [g.strip() for g in value.split(",") if g.strip()]
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"{where}: expected a list of IPv4 multicast addresses")
-    out = []
+    names = " or ".join(FAMILY_NAMES[f] for f in families)
+    if not isinstance(value, list) or (not value and not empty_ok):
+        raise ConfigError(f"{where}: expected a list of {names} multicast addresses")
+    out: list[Group] = []
     for item in value:
         try:
-            addr = IPv4Address(str(item))
-        except AddressValueError:
-            raise ConfigError(f"{where}: {item!r} is not an IPv4 address") from None
+            addr = ip_address(str(item))
+        except ValueError:
+            raise ConfigError(f"{where}: {item!r} is not an {names} address") from None
+        if addr.version not in families:
+            raise ConfigError(f"{where}: {addr} is not an {names} address")
         if not addr.is_multicast:
-            raise ConfigError(f"{where}: {addr} is not a multicast address (224.0.0.0/4)")
+            raise ConfigError(
+                f"{where}: {addr} is not a multicast address ({MULTICAST_RANGES[addr.version]})"
+            )
         if addr in out:
             raise ConfigError(f"{where}: {addr} is listed twice")
         out.append(addr)
-    if len(out) > layout.FC_MAX_GROUPS:
-        raise ConfigError(f"{where}: {len(out)} groups, at most {layout.FC_MAX_GROUPS}")
-    return tuple(out)
+    for family in families:
+        n = sum(1 for a in out if a.version == family)
+        if n > layout.FC_MAX_GROUPS:
+            raise ConfigError(
+                f"{where}: {n} {FAMILY_NAMES[family]} groups, at most {layout.FC_MAX_GROUPS}"
+            )
+    return out
+
+
+def _groups(where: str, value: Any) -> tuple[IPv4Address, ...]:
+    return tuple(g for g in _group_list(where, value, (4,), False) if isinstance(g, IPv4Address))
+
+
+def _groups6(where: str, value: Any) -> tuple[IPv6Address, ...]:
+    """`groups6: []` turns IPv6 forwarding from the LAN off."""
+    return tuple(g for g in _group_list(where, value, (6,), True) if isinstance(g, IPv6Address))
 
 
 def _mapping(where: str, value: Any, known: set[str]) -> dict[str, Any]:
@@ -159,18 +195,18 @@ def _mapping(where: str, value: Any, known: set[str]) -> dict[str, Any]:
 
 
 def _client_group_list(
-    where: str, value: Any, groups: tuple[IPv4Address, ...]
-) -> tuple[IPv4Address, ...] | None:
+    where: str, value: Any, groups: tuple[Group, ...]
+) -> tuple[Group, ...] | None:
     if value == "any":
         return None
     if value == "groups":
         return groups
     if isinstance(value, list) and not value:
         return ()  # no multicast at all in this direction; broadcast still goes
-    return _groups(f"{where} (a list, 'groups' or 'any')", value)
+    return tuple(_group_list(f"{where} (a list, 'groups' or 'any')", value, (4, 6), False))
 
 
-def _client_groups(where: str, value: Any, groups: tuple[IPv4Address, ...]) -> ClientGroups:
+def _client_groups(where: str, value: Any, groups: tuple[Group, ...]) -> ClientGroups:
     data = _mapping(where, value, CLIENT_GROUP_KEYS)
     out = ClientGroups(
         to_lan=_client_group_list(f"{where}.to_lan", data.get("to_lan", "groups"), groups),
@@ -179,11 +215,13 @@ def _client_groups(where: str, value: Any, groups: tuple[IPv4Address, ...]) -> C
         ),
     )
     union = {*groups, *(out.to_lan or ()), *(out.to_clients or ())}
-    if len(union) > layout.FC_MAX_GROUPS:
-        raise ConfigError(
-            f"{where}: groups and client_groups name {len(union)} different groups together; "
-            f"the data path holds at most {layout.FC_MAX_GROUPS}"
-        )
+    for family, name in FAMILY_NAMES.items():
+        n = sum(1 for g in union if g.version == family)
+        if n > layout.FC_MAX_GROUPS:
+            raise ConfigError(
+                f"{where}: groups, groups6 and client_groups name {n} different {name} groups "
+                f"together; the data path holds at most {layout.FC_MAX_GROUPS} per family"
+            )
     return out
 
 
@@ -269,11 +307,14 @@ def parse(data: Any, source: str = "<config>") -> Config:
         kw["interface"] = _ifname(f"{source}: interface", data["interface"])
     if "groups" in data:
         kw["groups"] = _groups(f"{source}: groups", data["groups"])
+    if "groups6" in data:
+        kw["groups6"] = _groups6(f"{source}: groups6", data["groups6"])
     if "reinject" in data:
         kw["reinject"] = _names(f"{source}: reinject", data["reinject"])
     if "client_groups" in data:
+        both = (*kw.get("groups", Config.groups), *kw.get("groups6", Config.groups6))
         kw["client_groups"] = _client_groups(
-            f"{source}: client_groups", data["client_groups"], kw.get("groups", Config.groups)
+            f"{source}: client_groups", data["client_groups"], both
         )
     if "storm_guard" in data:
         kw["storm_guard"] = _storm_guard(f"{source}: storm_guard", data["storm_guard"])

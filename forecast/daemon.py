@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ RESYNC_S = 30.0  # a fresh snapshot and a kernel read-back this often: drift liv
 BATCH_S = 0.5  # events waiting back to back are applied together, for at most this long
 RELOADABLE = (
     "groups",
+    "groups6",
     "client_groups",
     "storm_guard",
     "reinject",
@@ -48,8 +49,10 @@ RELOADABLE = (
     "metrics_per_sa",
 )
 # Reloading any of these rewrites the data path's configuration map.
-DATAPATH_KEYS = ("groups", "client_groups", "storm_guard")
-GROUPS_FD = "groups"  # FDNAME of the membership socket in systemd's store
+DATAPATH_KEYS = ("groups", "groups6", "client_groups", "storm_guard")
+# Per family: the config key of its LAN groups, which is also the FDNAME of its membership
+# socket in systemd's store and its key in the state file.
+MEMBERSHIPS = {4: "groups", 6: "groups6"}
 log = logging.getLogger("forecast-bpf")
 
 
@@ -138,7 +141,7 @@ class Daemon:
         self.lan: links.LanInterface | None = None
         self.datapath: Datapath | None = None
         self.rules: netfilter.RuleSet | None = None
-        self.groups: links.GroupMemberships | None = None
+        self.memberships: dict[int, links.GroupMemberships] = {}
         self.bpffs_mounted: Path | None = None  # by this daemon or the one it took over from
         self.hooks: dict[str, int] = {}  # role → ifindex of the device its filter sits on
         self.swap_pending: set[str] = set()  # roles whose new program waits for filled maps
@@ -147,7 +150,7 @@ class Daemon:
         self.slot_by_mark: dict[int, int] = {}
         self.written: dict[int, SaEntry] = {}
         self.rules_applied: list[desired.MarkRule] | None = None
-        self.routes_applied: set[IPv4Network] | None = None
+        self.routes_applied: set[links.Network] | None = None
         self.reported: set[str] = set()
         self.last_desired = desired.Desired()
         self.notifier = Notifier()
@@ -217,7 +220,7 @@ class Daemon:
             lan_ifindex=self.lan.index,
             lan_mac=self.lan.mac,
             lan_broadcast=self.lan.broadcast,
-            groups=self.cfg.groups,
+            groups=config.lan_groups(self.cfg),
             client_groups_to_lan=clients.to_lan,
             client_groups_to_sas=clients.to_clients,
             lan_rate=self.cfg.storm_guard.lan,
@@ -281,12 +284,24 @@ class Daemon:
 
     def _join_groups(self, previous: dict[str, Any]) -> None:
         assert self.lan is not None
-        stored = listen_fds().get(GROUPS_FD)
-        sock = socket.socket(fileno=stored) if stored is not None else None
-        held = [IPv4Address(g) for g in previous.get("groups", [])] if sock else []
-        self.groups = links.GroupMemberships(self.lan, self.cfg.groups, sock=sock, held=held)
-        if sock is not None:
-            log.info("group memberships taken over from the previous daemon")
+        for family, key in MEMBERSHIPS.items():
+            stored = listen_fds().get(key)
+            sock = socket.socket(fileno=stored) if stored is not None else None
+            held = [ip_address(g) for g in previous.get(key, [])] if sock else []
+            try:
+                self.memberships[family] = links.GroupMemberships(
+                    self.lan, getattr(self.cfg, key), family=family, sock=sock, held=held
+                )
+            except links.LinkError as exc:
+                if family == 4:
+                    raise
+                # A LAN without IPv6 has no IPv6 discovery to forward; IPv4 goes on.
+                log.warning(
+                    "%s; IPv6 groups not joined (a snooping switch may keep them away)", exc
+                )
+                continue
+            if sock is not None:
+                log.info("IPv%d group memberships taken over from the previous daemon", family)
 
     # -- reconcile --------------------------------------------------------------------------
     def reconcile(self, *, from_kernel: bool = False) -> None:
@@ -414,14 +429,17 @@ class Daemon:
             old, **{key: getattr(new, key) for key in changed if key in RELOADABLE}
         )
         logging.getLogger().setLevel(self.cfg.log_level.upper())
-        if "groups" in changed and self.groups is not None and self.datapath is not None:
-            joined, left = self.groups.set(self.cfg.groups)
-            log.info(
-                "groups now %s (joined %s, left %s)",
-                ", ".join(map(str, self.cfg.groups)),
-                ", ".join(map(str, joined)) or "none",
-                ", ".join(map(str, left)) or "none",
-            )
+        for family, key in MEMBERSHIPS.items():
+            held = self.memberships.get(family)
+            if key in changed and held is not None and self.datapath is not None:
+                joined, left = held.set(getattr(self.cfg, key))
+                log.info(
+                    "%s now %s (joined %s, left %s)",
+                    key,
+                    ", ".join(map(str, getattr(self.cfg, key))) or "none",
+                    ", ".join(map(str, joined)) or "none",
+                    ", ".join(map(str, left)) or "none",
+                )
         if set(changed) & set(DATAPATH_KEYS) and self.datapath is not None:
             self.datapath.write_config(self._datapath_config())
         self.reconcile()
@@ -448,7 +466,10 @@ class Daemon:
             }
             if dp
             else {},
-            "groups": [str(g) for g in self.groups.groups] if self.groups else [],
+            **{
+                key: [str(g) for g in held.groups] if (held := self.memberships.get(f)) else []
+                for f, key in MEMBERSHIPS.items()
+            },
             "bpffs_mounted": str(self.bpffs_mounted) if self.bpffs_mounted else None,
             "updated": time.time(),
             "vici_connected": self.health.vici_connected,
@@ -610,11 +631,10 @@ class Daemon:
 
     # -- teardown ---------------------------------------------------------------------------
     def _hand_over_groups(self) -> None:
-        groups = self.groups
-        assert groups is not None
-        if self.notifier.store_fd(GROUPS_FD, groups.sock.fileno()):
-            log.info("group memberships kept in systemd's file-descriptor store")
-        groups.close()
+        for family, held in self.memberships.items():
+            if self.notifier.store_fd(MEMBERSHIPS[family], held.sock.fileno()):
+                log.info("IPv%d group memberships kept in systemd's file-descriptor store", family)
+            held.close()
 
     def teardown(self, mode: ExitMode = ExitMode.STOP) -> None:
         """STOP: remove everything this daemon created (safe after a partial set-up).
@@ -630,7 +650,7 @@ class Daemon:
             server = self.metrics_server
             steps.append(("metrics server", lambda: (server.shutdown(), server.server_close())))
         if not final:
-            if self.groups is not None:
+            if self.memberships:
                 steps.append(("group memberships", self._hand_over_groups))
             if self.datapath is not None:
                 steps.append(("map descriptors", self.datapath.close))
@@ -644,9 +664,10 @@ class Daemon:
                 steps.append(("MARK rules", self.rules.remove))
             if self.xfrm is not None:
                 steps.append(("routes", partial(links.sync_routes, [], self.xfrm.index)))
-            if self.groups is not None:
-                steps.append(("stored memberships", partial(self.notifier.drop_fd, GROUPS_FD)))
-                steps.append(("group memberships", self.groups.close))
+            for family, held in self.memberships.items():
+                key = MEMBERSHIPS[family]
+                steps.append((f"stored {key}", partial(self.notifier.drop_fd, key)))
+                steps.append((f"{key} memberships", held.close))
             if self.datapath is not None:
                 steps.append(("programs and pinned maps", self.datapath.remove))
             if self.xfrm is not None and self._xfrm_given is None:
@@ -660,7 +681,8 @@ class Daemon:
             except Exception as exc:  # keep going: leave as little behind as possible
                 log.error("teardown: %s: %s", what, exc)
         self.hooks.clear()
-        self.rules = self.groups = self.datapath = self.metrics_server = None
+        self.memberships = {}
+        self.rules = self.datapath = self.metrics_server = None
         self.xfrm = self._xfrm_given
 
 

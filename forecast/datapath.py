@@ -5,9 +5,9 @@ ctypes. Everything here mirrors bpf/forecast.h through forecast.layout.
 
 What lives under `pin_dir` (a bpffs directory), and why it outlives the daemon:
   maps-<L>/{config,sas,marks,counters,drops,     L: digest of the map layout (forecast.h, maps.h)
-            targets,list_len,gen}
+            sa_drops,families,buckets,targets,list_len,gen}
   prog-<P>-lan, prog-<P>-tunnel                   P: digest of every BPF source, the kernel, bcc
-  chain-<P>-lan, chain-<P>-tunnel                 each program's walker, its tail-call slot
+  chain-<P>-lan, chain-<P>-tunnel                 each program's walkers (IPv4, IPv6): tail calls
 The tc filters hold the programs and the programs the maps, so forwarding goes on while no
 daemon runs (a restart, an upgrade, a crash). A restarted daemon whose P is already pinned
 adopts the programs without compiling; a new P (an upgrade) is compiled beside the running one
@@ -25,20 +25,20 @@ import shutil
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
 from forecast import bpf_build, layout
 from forecast.config import RateLimit
-from forecast.layout import Direction, DropReason, SaDropReason
+from forecast.layout import Direction, DropReason, Family, SaDropReason
 from forecast.pinned import PinnedCounters, PinnedMap, obj_get, obj_pin, prog_info
 from forecast.targets import TargetLists
 
-# role → (source, entry program the tc filter runs, the walker it tail-calls)
+# role → (source, entry program the tc filter runs, the walkers it tail-calls, by family)
 PROGRAMS = {
-    "lan": ("lan_ingress.bpf.c", "fc_lan_ingress", "fc_lan_walk"),
-    "tunnel": ("tunnel_ingress.bpf.c", "fc_tunnel_ingress", "fc_tunnel_walk"),
+    "lan": ("lan_ingress.bpf.c", "fc_lan_ingress", ("fc_lan_walk", "fc_lan_walk6")),
+    "tunnel": ("tunnel_ingress.bpf.c", "fc_tunnel_ingress", ("fc_tunnel_walk", "fc_tunnel_walk6")),
 }
 MAP_NAMES = (
     "config",
@@ -47,6 +47,7 @@ MAP_NAMES = (
     "counters",
     "drops",
     "sa_drops",
+    "families",
     "buckets",
     "targets",
     "list_len",
@@ -61,16 +62,20 @@ class DatapathError(RuntimeError):
     """A value does not fit the data path's maps; the message names it."""
 
 
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+
+
 @dataclass(frozen=True)
 class DatapathConfig:
     xfrm_ifindex: int
     lan_ifindex: int
     lan_mac: bytes
     lan_broadcast: IPv4Address | None
-    groups: tuple[IPv4Address, ...]  # LAN → clients
+    groups: tuple[Address, ...]  # LAN → clients, either family
     # What clients' packets may go to, per direction; None: any multicast group
-    client_groups_to_lan: tuple[IPv4Address, ...] | None = None
-    client_groups_to_sas: tuple[IPv4Address, ...] | None = None
+    client_groups_to_lan: tuple[Address, ...] | None = None
+    client_groups_to_sas: tuple[Address, ...] | None = None
     lan_rate: RateLimit = NO_LIMIT
     sa_rate: RateLimit = NO_LIMIT
 
@@ -79,7 +84,7 @@ class DatapathConfig:
 class SaEntry:
     mark_out: int
     mark_in: int
-    selectors: tuple[IPv4Network, ...]
+    selectors: tuple[Network, ...]  # either family, at most FC_MAX_TS of each
     reinject: bool = False
     # False: in the table (its decrypted traffic is forwarded and counted) but on no target
     # list, because a newer SA to the same peer takes the copies (desired.py). Not in the map.
@@ -99,7 +104,7 @@ class SlotCounters:
     )
 
 
-def group_directions(cfg: DatapathConfig) -> tuple[dict[IPv4Address, int], int]:
+def group_directions(cfg: DatapathConfig) -> tuple[dict[Address, int], int]:
     """Each named group → the directions (bits 1 << Direction) that forward it, and the
     directions that forward any group."""
     per_direction = (
@@ -107,7 +112,7 @@ def group_directions(cfg: DatapathConfig) -> tuple[dict[IPv4Address, int], int]:
         (Direction.SA_TO_LAN, cfg.client_groups_to_lan),
         (Direction.SA_TO_SA, cfg.client_groups_to_sas),
     )
-    dirs: dict[IPv4Address, int] = {}
+    dirs: dict[Address, int] = {}
     any_dirs = 0
     for direction, groups in per_direction:
         if groups is None:
@@ -115,7 +120,7 @@ def group_directions(cfg: DatapathConfig) -> tuple[dict[IPv4Address, int], int]:
             continue
         for group in groups:
             if not group.is_multicast:
-                raise DatapathError(f"group {group} is not an IPv4 multicast address")
+                raise DatapathError(f"group {group} is not a multicast address")
             dirs[group] = dirs.get(group, 0) | 1 << direction
     return dirs, any_dirs
 
@@ -132,20 +137,28 @@ def encode_rate(limit: RateLimit) -> layout.FcRate:
 
 def encode_config(cfg: DatapathConfig) -> layout.FcConfig:
     dirs, any_dirs = group_directions(cfg)
-    if len(dirs) > layout.FC_MAX_GROUPS:
-        raise DatapathError(
-            f"{len(dirs)} groups; the data path holds at most {layout.FC_MAX_GROUPS}"
-        )
+    dirs4 = {g: bits for g, bits in dirs.items() if g.version == 4}
+    dirs6 = {g: bits for g, bits in dirs.items() if g.version == 6}
+    for family, per_family in (("IPv4", dirs4), ("IPv6", dirs6)):
+        if len(per_family) > layout.FC_MAX_GROUPS:
+            raise DatapathError(
+                f"{len(per_family)} {family} groups; the data path holds at most "
+                f"{layout.FC_MAX_GROUPS} per family"
+            )
     if len(cfg.lan_mac) != 6:
         raise DatapathError(f"LAN MAC must be 6 bytes, got {cfg.lan_mac!r}")
     out = layout.FcConfig()
     out.xfrm_ifindex = cfg.xfrm_ifindex
     out.lan_ifindex = cfg.lan_ifindex
     out.lan_broadcast = layout.be32(str(cfg.lan_broadcast)) if cfg.lan_broadcast else 0
-    out.n_groups = len(dirs)
-    for i, (group, bits) in enumerate(dirs.items()):
+    out.n_groups = len(dirs4)
+    for i, (group, bits) in enumerate(dirs4.items()):
         out.groups[i] = layout.be32(str(group))
         out.group_dirs[i] = bits
+    out.n_groups6 = len(dirs6)
+    for i, (group6, bits) in enumerate(dirs6.items()):
+        out.groups6[i].addr[:] = layout.be128(str(group6))
+        out.group6_dirs[i] = bits
     out.any_group_dirs = any_dirs
     out.lan_mac[:] = list(cfg.lan_mac)
     out.lan_rate = encode_rate(cfg.lan_rate)
@@ -154,18 +167,26 @@ def encode_config(cfg: DatapathConfig) -> layout.FcConfig:
 
 
 def encode_sa(sa: SaEntry) -> layout.FcSa:
-    if len(sa.selectors) > layout.FC_MAX_TS:
-        raise DatapathError(
-            f"{len(sa.selectors)} selectors; the data path holds at most {layout.FC_MAX_TS} per SA"
-        )
+    ts4 = [net for net in sa.selectors if net.version == 4]
+    ts6 = [net for net in sa.selectors if net.version == 6]
+    for family, nets in (("IPv4", ts4), ("IPv6", ts6)):
+        if len(nets) > layout.FC_MAX_TS:
+            raise DatapathError(
+                f"{len(nets)} {family} selectors; the data path holds at most "
+                f"{layout.FC_MAX_TS} per family and SA"
+            )
     if not sa.mark_out or not sa.mark_in:
         raise DatapathError("an SA in the data path needs non-zero in and out marks")
     out = layout.FcSa()
     out.flags = layout.FC_SA_ACTIVE | (layout.FC_SA_REINJECT if sa.reinject else 0)
-    out.mark_out, out.mark_in, out.n_ts = sa.mark_out, sa.mark_in, len(sa.selectors)
-    for i, net in enumerate(sa.selectors):
+    out.mark_out, out.mark_in = sa.mark_out, sa.mark_in
+    out.n_ts, out.n_ts6 = len(ts4), len(ts6)
+    for i, net in enumerate(ts4):
         out.ts[i].addr = layout.be32(str(net.network_address))
         out.ts[i].mask = layout.be32(str(net.netmask))
+    for i, net6 in enumerate(ts6):
+        out.ts6[i].addr[:] = layout.be128(str(net6.network_address))
+        out.ts6[i].mask[:] = layout.be128(str(net6.netmask))
     return out
 
 
@@ -173,11 +194,15 @@ def decode_sa(value: layout.FcSa) -> SaEntry | None:
     """A slot as the kernel holds it; None for an empty one."""
     if not value.flags & layout.FC_SA_ACTIVE:
         return None
-    selectors = []
+    selectors: list[Network] = []
     for ts in value.ts[: min(int(value.n_ts), layout.FC_MAX_TS)]:
         addr = IPv4Address(struct.pack("=I", ts.addr))  # stored in network byte order
         mask = IPv4Address(struct.pack("=I", ts.mask))
         selectors.append(IPv4Network(f"{addr}/{mask}", strict=False))
+    for ts6 in value.ts6[: min(int(value.n_ts6), layout.FC_MAX_TS)]:
+        addr6 = IPv6Address(struct.pack("=4I", *ts6.addr))
+        prefix = int.from_bytes(struct.pack("=4I", *ts6.mask), "big").bit_count()
+        selectors.append(IPv6Network(f"{addr6}/{prefix}", strict=False))
     return SaEntry(
         int(value.mark_out),
         int(value.mark_in),
@@ -260,7 +285,7 @@ class Datapath:
             self.maps[name] = PinnedMap(self.maps_dir / name)
         # The same descriptors: counters and drops are two of the maps just opened.
         self._counters = PinnedCounters(
-            self.maps["counters"], self.maps["drops"], self.maps["sa_drops"]
+            self.maps["counters"], self.maps["drops"], self.maps["sa_drops"], self.maps["families"]
         )
         self.targets = TargetLists(self.maps["targets"], self.maps["list_len"], self.maps["gen"])
         self.targets.read()
@@ -270,16 +295,17 @@ class Datapath:
         verifier instructions per program."""
         verified: dict[str, int] = {}
         self.maps_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for role, (source, entry, walker) in PROGRAMS.items():
+        for role, (source, entry, walkers) in PROGRAMS.items():
             for pin in (self._prog_pin(role), self._chain_pin(role)):
                 pin.unlink(missing_ok=True)  # a half-made build: start it again
             bpf, fds = bpf_build.compile_programs(
-                source, (entry, walker), self.maps_dir, self._chain_pin(role)
+                source, (entry, *walkers), self.maps_dir, self._chain_pin(role)
             )
             try:
                 chain = PinnedMap(self._chain_pin(role))
                 try:
-                    chain.update(0, ctypes.c_uint32(fds[walker]))
+                    for family, walker in zip(Family, walkers, strict=True):
+                        chain.update(int(family), ctypes.c_uint32(fds[walker]))
                 finally:
                     chain.close()
                 obj_pin(fds[entry], self._prog_pin(role))
@@ -367,6 +393,14 @@ class Datapath:
                 sc.by_direction[d] = Traffic(packets, nbytes)
             out[slot] = sc
         return out
+
+    def family_counters(self) -> dict[Family, dict[Direction, Traffic]]:
+        """Copies per address family and direction, over all SAs."""
+        assert self._counters is not None
+        return {
+            f: {d: Traffic(*pb) for d, pb in by_dir.items()}
+            for f, by_dir in self._counters.family_counts().items()
+        }
 
     def drops(self) -> dict[DropReason, int]:
         assert self._counters is not None

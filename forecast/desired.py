@@ -8,14 +8,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from forecast import layout
 from forecast.config import Config
-from forecast.datapath import SaEntry
+from forecast.datapath import Network, SaEntry
 from forecast.sa import ChildSa
 
 MULTICAST = IPv4Network("224.0.0.0/4")
+MULTICAST6 = IPv6Network("ff00::/8")
 CACHE_SIZE = 2 * layout.FC_MAX_SAS  # two children per slot while a rekey settles
 LIMITED_BROADCAST = IPv4Address("255.255.255.255")
 
@@ -25,8 +26,8 @@ class RuleMatch:
     """What a MARK rule matches, all of the fields that are set; each netfilter back end
     spells it its own way (forecast/rules_iptables.py, forecast/rules_nft.py)."""
 
-    src: IPv4Network | None = None
-    dst: IPv4Network | None = None
+    src: Network | None = None  # src and dst, when both set, of one family
+    dst: Network | None = None
     proto: str | None = None  # "esp" (with spi) or "udp" (with both ports)
     spi: int | None = None
     sport: int | None = None
@@ -54,7 +55,7 @@ class SlotState:
 class Desired:
     slots: dict[int, SlotState] = field(default_factory=dict)
     rules: list[MarkRule] = field(default_factory=list)
-    routes: list[IPv4Network] = field(default_factory=list)
+    routes: list[Network] = field(default_factory=list)
     # child unique id → why forecast-bpf leaves it alone (logged once, shown by `check`)
     ignored: dict[int, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -65,8 +66,10 @@ class Desired:
     left_out: list[int] = field(default_factory=list)
 
 
-def forwards_to(ts: IPv4Network, lan_broadcast: IPv4Address | None) -> bool:
+def forwards_to(ts: Network, lan_broadcast: IPv4Address | None) -> bool:
     """Can a multicast or broadcast destination fall inside this selector?"""
+    if isinstance(ts, IPv6Network):
+        return ts.overlaps(MULTICAST6)  # IPv6 has no broadcast
     return (
         ts.overlaps(MULTICAST)
         or LIMITED_BROADCAST in ts
@@ -74,15 +77,19 @@ def forwards_to(ts: IPv4Network, lan_broadcast: IPv4Address | None) -> bool:
     )
 
 
+def is_multicast(ts: Network) -> bool:
+    return ts.subnet_of(MULTICAST6) if isinstance(ts, IPv6Network) else ts.subnet_of(MULTICAST)
+
+
 # The per-child derivations below are cached: at thousands of SAs an event recomputes the
 # desired state of all of them, and all but the changed ones give the same answer.
 @lru_cache(maxsize=CACHE_SIZE)
-def unicast_selectors(child: ChildSa, lan_broadcast: IPv4Address | None) -> tuple[IPv4Network, ...]:
+def unicast_selectors(child: ChildSa, lan_broadcast: IPv4Address | None) -> tuple[Network, ...]:
     """Remote selectors that get MARK rules and routes: not multicast, not a broadcast /32,
     never /0 (the plugin shifts by 32 there: undefined; here it would capture everything)."""
     out = []
     for ts in child.remote_ts:
-        if ts.prefixlen == 0 or ts.subnet_of(MULTICAST):
+        if ts.prefixlen == 0 or is_multicast(ts):
             continue
         if ts.prefixlen == 32 and ts.network_address in (LIMITED_BROADCAST, lan_broadcast):
             continue
@@ -91,9 +98,7 @@ def unicast_selectors(child: ChildSa, lan_broadcast: IPv4Address | None) -> tupl
 
 
 @lru_cache(maxsize=CACHE_SIZE)
-def forwarded_selectors(
-    child: ChildSa, lan_broadcast: IPv4Address | None
-) -> tuple[IPv4Network, ...]:
+def forwarded_selectors(child: ChildSa, lan_broadcast: IPv4Address | None) -> tuple[Network, ...]:
     """Remote selectors a multicast or broadcast copy can be sent into."""
     return tuple(ts for ts in child.remote_ts if forwards_to(ts, lan_broadcast))
 
@@ -195,7 +200,7 @@ def compute(
     else:
         desired.waiting = left_out
     seen_rules: set[tuple[str, RuleMatch]] = set()
-    routed: set[IPv4Network] = set()
+    routed: set[Network] = set()
 
     def add_rule(rule: MarkRule | None) -> None:
         if rule and (rule.chain, rule.match) not in seen_rules:
@@ -217,13 +222,17 @@ def compute(
                     desired.routes.append(ts)
         if mark not in slots:
             continue
-        selectors = list(forwarded_selectors(current, lan_broadcast))
-        if len(selectors) > layout.FC_MAX_TS:
-            desired.warnings.append(
-                f"{current.label}: {len(selectors)} multicast/broadcast "
-                f"selectors, only the first {layout.FC_MAX_TS} forwarded"
-            )
-            selectors = selectors[: layout.FC_MAX_TS]
+        selectors: list[Network] = []
+        for version in (4, 6):
+            mine = [
+                ts for ts in forwarded_selectors(current, lan_broadcast) if ts.version == version
+            ]
+            if len(mine) > layout.FC_MAX_TS:
+                desired.warnings.append(
+                    f"{current.label}: {len(mine)} IPv{version} multicast/broadcast "
+                    f"selectors, only the first {layout.FC_MAX_TS} forwarded"
+                )
+            selectors += mine[: layout.FC_MAX_TS]
         entry = SaEntry(
             mark_out=current.mark_out,
             mark_in=current.mark_in,
@@ -240,7 +249,7 @@ def _one_copy_per_peer(desired: Desired) -> None:
     is gone holds two SAs to the same peer and addresses for a moment, each with its own mark:
     copies to both would reach the client twice. Only the newest gets copies; the older keeps
     its slot, so what it still decrypts is forwarded and counted until it goes."""
-    newest: dict[tuple[str, tuple[IPv4Network, ...]], tuple[int, int]] = {}
+    newest: dict[tuple[str, tuple[Network, ...]], tuple[int, int]] = {}
     for slot, state in desired.slots.items():
         child = state.children[0]
         key = (child.remote_id, child.remote_ts)

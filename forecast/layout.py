@@ -17,6 +17,14 @@ FC_MAX_SAS = 8448
 FC_MAX_TS = 4
 FC_MAX_GROUPS = 16
 
+
+class Family(IntEnum):
+    IPV4 = 0
+    IPV6 = 1
+
+
+FC_FAMILIES = len(Family)
+
 FC_LIST_LAN = 0
 FC_LIST_REINJECT = 1
 FC_LISTS = 2
@@ -68,6 +76,14 @@ class FcTs(ctypes.Structure):
     _fields_ = (("addr", ctypes.c_uint32), ("mask", ctypes.c_uint32))
 
 
+class FcIn6(ctypes.Structure):
+    _fields_ = (("addr", ctypes.c_uint32 * 4),)
+
+
+class FcTs6(ctypes.Structure):
+    _fields_ = (("addr", ctypes.c_uint32 * 4), ("mask", ctypes.c_uint32 * 4))
+
+
 class FcSa(ctypes.Structure):
     _fields_ = (
         ("flags", ctypes.c_uint32),
@@ -75,6 +91,8 @@ class FcSa(ctypes.Structure):
         ("mark_in", ctypes.c_uint32),
         ("n_ts", ctypes.c_uint32),
         ("ts", FcTs * FC_MAX_TS),
+        ("n_ts6", ctypes.c_uint32),
+        ("ts6", FcTs6 * FC_MAX_TS),
     )
 
 
@@ -99,6 +117,10 @@ class FcConfig(ctypes.Structure):
         ("pad", ctypes.c_uint8 * 6),
         ("lan_rate", FcRate),
         ("sa_rate", FcRate),
+        ("n_groups6", ctypes.c_uint32),
+        ("group6_dirs", ctypes.c_uint32 * FC_MAX_GROUPS),
+        ("groups6", FcIn6 * FC_MAX_GROUPS),
+        ("pad6", ctypes.c_uint32),
     )
 
 
@@ -109,6 +131,16 @@ class FcCounter(ctypes.Structure):
 def be32(address: str) -> int:
     """An IPv4 address as the u32 the kernel stores (network byte order in memory)."""
     return int(struct.unpack("=I", socket.inet_aton(address))[0])
+
+
+def be128(address: str) -> tuple[int, int, int, int]:
+    """An IPv6 address as the four u32 the kernel stores (network byte order in memory)."""
+    a, b, c, d = struct.unpack("=4I", socket.inet_pton(socket.AF_INET6, address))
+    return a, b, c, d
+
+
+def family_key(family: Family, direction: Direction) -> int:
+    return int(family) * FC_DIRS + int(direction)
 
 
 def counter_key(slot: int, direction: Direction) -> int:

@@ -18,7 +18,7 @@ import struct
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,7 @@ def ensure_xfrm(name: str, if_id: int, dev: str, netns: str | None = None) -> Xf
                 )
             if have_id != if_id:
                 raise LinkError(f"{name} exists with if_id {have_id}, config says {if_id}")
+            _quiet_ipv6(name)  # an interface made by a version that turned IPv6 off
             ipr.link("set", index=found[0], state="up")
             return XfrmInterface(name, found[0], link.get_attr("IFLA_IFALIAS") == ALIAS)
         lower = ipr.link_lookup(ifname=dev)
@@ -153,12 +154,21 @@ def ensure_xfrm(name: str, if_id: int, dev: str, netns: str | None = None) -> Xf
                 f"{exc.args[1] if len(exc.args) > 1 else exc}"
             ) from None
         index = ipr.link_lookup(ifname=name)[0]
-        # IPv4 only: no IPv6 link-local chatter (MLD, router solicitations) that has no policy
-        # and would count as TX errors, which are how lost copies show (metrics, status).
-        with contextlib.suppress(OSError):
-            Path(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6").write_text("1")
+        _quiet_ipv6(name)
         ipr.link("set", index=index, ifalias=ALIAS, state="up")
         return XfrmInterface(name, index, True)
+
+
+def _quiet_ipv6(name: str) -> None:
+    """IPv6 on, for copies to IPv6 groups and routes to IPv6 virtual IPs, but no address of its
+    own: no link-local address means no DAD, router solicitation or MLD report, chatter that
+    has no policy and would count as TX errors, which are how lost copies show. The interface
+    still gets its multicast route (ff00::/8), which an IPv6 copy is routed by. A kernel
+    without IPv6 has neither file: IPv4 goes on."""
+    conf = Path(f"/proc/sys/net/ipv6/conf/{name}")
+    with contextlib.suppress(OSError):
+        (conf / "addr_gen_mode").write_text("1")  # IN6_ADDR_GEN_MODE_NONE
+        (conf / "disable_ipv6").write_text("0")
 
 
 def lookup_xfrm(name: str, netns: str | None = None) -> XfrmInterface | None:
@@ -182,25 +192,32 @@ def remove_xfrm(xfrm: XfrmInterface, netns: str | None = None) -> None:
                 raise
 
 
-def our_routes(netns: str | None = None) -> set[IPv4Network]:
+Network = IPv4Network | IPv6Network
+
+
+def our_routes(netns: str | None = None) -> set[Network]:
     return set(_our_routes_by_oif(netns))
 
 
-def _our_routes_by_oif(netns: str | None = None) -> dict[IPv4Network, int]:
+def _our_routes_by_oif(netns: str | None = None) -> dict[Network, int]:
     with _ipr(netns) as ipr:
-        routes = ipr.get_routes(family=socket.AF_INET, proto=RTPROT_FORECAST)
+        routes = [
+            *ipr.get_routes(family=socket.AF_INET, proto=RTPROT_FORECAST),
+            *ipr.get_routes(family=socket.AF_INET6, proto=RTPROT_FORECAST),
+        ]
     return {
-        IPv4Network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}"): int(r.get_attr("RTA_OIF") or 0)
+        ip_network(f"{r.get_attr('RTA_DST')}/{r['dst_len']}"): int(r.get_attr("RTA_OIF") or 0)
         for r in routes
         if r["proto"] == RTPROT_FORECAST
     }
 
 
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 BATCH_ROUTES = 32  # more routes than this at once (a start, a storm): one `ip -batch`
 
 
 def _routes_in_batch(
-    replace: list[IPv4Network], delete: list[IPv4Network], xfrm_index: int, netns: str | None
+    replace: list[Network], delete: list[Network], xfrm_index: int, netns: str | None
 ) -> None:
     """Many routes in one process: pyroute2 costs about 1-2 ms per route, `ip -batch` a few
     microseconds (1,000 routes at a start or a stop: 2 s against 10 ms). A route to delete that
@@ -230,12 +247,12 @@ def _routes_in_batch(
 
 
 def sync_routes(
-    wanted: Iterable[IPv4Network],
+    wanted: Iterable[Network],
     xfrm_index: int,
     netns: str | None = None,
     *,
-    known: set[IPv4Network] | None = None,
-) -> tuple[set[IPv4Network], set[IPv4Network]]:
+    known: set[Network] | None = None,
+) -> tuple[set[Network], set[Network]]:
     """Make our routes exactly `wanted` (all through the XFRM interface); (added, removed).
     `known`: the routes in place, when certain; else the kernel's are read, and a route of ours
     through another device is rewritten. Either way only what differs is written: at thousands
@@ -256,6 +273,7 @@ def sync_routes(
         for net in sorted(write, key=str):
             ipr.route(
                 "replace",
+                family=_AF[net.version],
                 dst=str(net.network_address),
                 dst_len=net.prefixlen,
                 oif=xfrm_index,
@@ -265,6 +283,7 @@ def sync_routes(
             try:
                 ipr.route(
                     "del",
+                    family=_AF[net.version],
                     dst=str(net.network_address),
                     dst_len=net.prefixlen,
                     proto=RTPROT_FORECAST,
@@ -275,41 +294,59 @@ def sync_routes(
     return want - have, have - want
 
 
+Group = IPv4Address | IPv6Address
+
+
 class GroupMemberships:
-    """IP_ADD_MEMBERSHIP on the LAN interface, held by one socket: closing it leaves every
-    group. `sock` adopts the socket a previous daemon held (`held`: the groups it joined), so a
-    restart never leaves and rejoins."""
+    """Memberships of one address family on the LAN interface (IP_ADD_MEMBERSHIP, or
+    IPV6_JOIN_GROUP: an MLD report), held by one socket: closing it leaves every group, so a
+    snooping switch keeps sending them to the gateway only while forecast-bpf runs. `sock`
+    adopts the socket a previous daemon held (`held`: the groups it joined), so a restart never
+    leaves and rejoins."""
 
     def __init__(
         self,
         lan: LanInterface,
-        groups: Iterable[IPv4Address],
+        groups: Iterable[Group],
         *,
+        family: int = 4,
         sock: socket.socket | None = None,
-        held: Iterable[IPv4Address] = (),
+        held: Iterable[Group] = (),
     ) -> None:
         self.lan = lan
-        self.sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
-        self.groups: list[IPv4Address] = list(held) if sock is not None else []
+        self.family = family
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        self.sock = sock or socket.socket(af, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+        self.groups: list[Group] = list(held) if sock is not None else []
         try:
             self.set(groups)
         except LinkError:
             self.sock.close()
             raise
 
-    def _mreqn(self, group: IPv4Address) -> bytes:
-        return struct.pack("4s4si", group.packed, self.lan.address.packed, self.lan.index)
+    def _option(self, group: Group, join: bool) -> tuple[int, int, bytes]:
+        if self.family == 4:
+            mreqn = struct.pack("4s4si", group.packed, self.lan.address.packed, self.lan.index)
+            return (
+                socket.IPPROTO_IP,
+                socket.IP_ADD_MEMBERSHIP if join else socket.IP_DROP_MEMBERSHIP,
+                mreqn,
+            )
+        mreq = struct.pack("16si", group.packed, self.lan.index)
+        return (
+            socket.IPPROTO_IPV6,
+            socket.IPV6_JOIN_GROUP if join else socket.IPV6_LEAVE_GROUP,
+            mreq,
+        )
 
-    def set(self, groups: Iterable[IPv4Address]) -> tuple[list[IPv4Address], list[IPv4Address]]:
+    def set(self, groups: Iterable[Group]) -> tuple[list[Group], list[Group]]:
         """Join what is new, leave what is gone; (joined, left)."""
         want = list(groups)
         joined = [g for g in want if g not in self.groups]
         left = [g for g in self.groups if g not in want]
         for group in joined:
             try:
-                self.sock.setsockopt(
-                    socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, self._mreqn(group)
-                )
+                self.sock.setsockopt(*self._option(group, True))
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:  # already held by the adopted socket
                     raise LinkError(
@@ -317,9 +354,7 @@ class GroupMemberships:
                     ) from None
         for group in left:
             with contextlib.suppress(OSError):  # not held: nothing to leave
-                self.sock.setsockopt(
-                    socket.IPPROTO_IP, socket.IP_DROP_MEMBERSHIP, self._mreqn(group)
-                )
+                self.sock.setsockopt(*self._option(group, False))
         self.groups = want
         return joined, left
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from forecast import layout
-from forecast.layout import Direction, DropReason, SaDropReason
+from forecast.layout import Direction, DropReason, Family, SaDropReason
 
 _lib: ctypes.CDLL | None = None
 BPF_ANY = 0
@@ -263,15 +263,18 @@ class PinnedCounters:
     """Counters and drops (totals and per SA), summed over CPUs: what `status` and the metrics
     read."""
 
-    def __init__(self, counters: PinnedMap, drops: PinnedMap, sa_drops: PinnedMap) -> None:
+    def __init__(
+        self, counters: PinnedMap, drops: PinnedMap, sa_drops: PinnedMap, families: PinnedMap
+    ) -> None:
         self.counters, self.drops, self.sa_drops = counters, drops, sa_drops
+        self.families = families
         self.ncpu = possible_cpus()
 
     @classmethod
     def open(cls, maps_dir: Path) -> PinnedCounters:
         opened: list[PinnedMap] = []
         try:
-            for name in ("counters", "drops", "sa_drops"):
+            for name in ("counters", "drops", "sa_drops", "families"):
                 opened.append(PinnedMap(maps_dir / name))
         except PinnedError:
             for m in opened:
@@ -339,7 +342,20 @@ class PinnedCounters:
             out[r] = int(sum(values))
         return out
 
+    def family_counts(self) -> dict[Family, dict[Direction, tuple[int, int]]]:
+        """Copies (packets, bytes) per address family and direction, over all SAs."""
+        per_cpu = layout.FcCounter * self.ncpu
+        everything = self.families.dump(layout.FC_FAMILIES * layout.FC_DIRS, per_cpu)
+        out: dict[Family, dict[Direction, tuple[int, int]]] = {}
+        for f in Family:
+            out[f] = {}
+            for d in Direction:
+                v = everything[layout.family_key(f, d)]
+                out[f][d] = (sum(c.packets for c in v), sum(c.bytes for c in v))
+        return out
+
     def close(self) -> None:
         self.counters.close()
         self.drops.close()
         self.sa_drops.close()
+        self.families.close()

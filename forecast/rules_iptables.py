@@ -6,6 +6,8 @@ chains' contents are known (the daemon applied them) only the difference is sent
 costs a few `-A`/`-D` lines, not a rewrite of thousands of rules. Otherwise (a start, drift) the
 chains are declared, which flushes them, and refilled in the same commit.
 The variant is whichever the host's `iptables` is (nf_tables or legacy), said in the log.
+Rules for IPv6 addresses (clients' IPv6 virtual IPs) go to the same chains in ip6tables' mangle
+table, with ip6tables-restore: each family is one transaction of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from forecast.desired import MarkRule, RuleMatch
 from forecast.nf_exec import NetfilterError, Signature
@@ -21,6 +24,28 @@ from forecast.nf_exec import run as _run
 CHAINS = {"PREROUTING": "FORECAST-PRE", "OUTPUT": "FORECAST-OUT"}
 HOOK_OF = {chain: hook for hook, chain in CHAINS.items()}
 RESTORE, SAVE, IPTABLES = "iptables-restore", "iptables-save", "iptables"
+
+
+@dataclass(frozen=True)
+class Tools:
+    """One family's commands."""
+
+    version: int
+    iptables: str
+    save: str
+    restore: str
+
+
+FAMILIES = (
+    Tools(4, IPTABLES, SAVE, RESTORE),
+    Tools(6, "ip6tables", "ip6tables-save", "ip6tables-restore"),
+)
+
+
+def family_of(rule: MarkRule) -> int:
+    """Which table a rule goes to: the family of its addresses (every rule of ours has one)."""
+    net = rule.match.dst or rule.match.src
+    return net.version if net is not None else 4
 
 
 def variant(netns: str | None = None) -> str:
@@ -79,7 +104,8 @@ def render(rules: Iterable[MarkRule]) -> str:
 
 
 class IptablesRules:
-    """Our chains in one network namespace (None: the caller's)."""
+    """Our chains in one network namespace (None: the caller's), in iptables' and ip6tables'
+    mangle tables."""
 
     name = "iptables"
 
@@ -88,46 +114,50 @@ class IptablesRules:
         self.variant = variant(netns)
         self.detail = f"iptables ({self.variant}), chains {', '.join(CHAINS.values())}"
 
-    def _jump_present(self, hook: str) -> bool:
-        argv = [IPTABLES, "-w", "-t", "mangle", "-C", hook, "-j", CHAINS[hook]]
+    def _jump_present(self, tools: Tools, hook: str) -> bool:
+        argv = [tools.iptables, "-w", "-t", "mangle", "-C", hook, "-j", CHAINS[hook]]
         return _run(argv, self.netns, check=False).returncode == 0
 
+    def _saved(self, tools: Tools) -> str:
+        return _run([tools.save, "-t", "mangle"], self.netns).stdout
+
     def present(self) -> bool:
-        """Is anything of ours (a chain or a jump to one) in the mangle table?"""
-        text = _run([SAVE, "-t", "mangle"], self.netns).stdout
-        return any(chain in text for chain in CHAINS.values())
+        """Is anything of ours (a chain or a jump to one) in either mangle table?"""
+        return any(chain in self._saved(tools) for tools in FAMILIES for chain in CHAINS.values())
 
     def hooked(self) -> bool:
-        """Are both our chains jumped to from their hooks?"""
-        return all(self._jump_present(hook) for hook in CHAINS)
+        """Are our chains jumped to from their hooks, in both families?"""
+        return all(self._jump_present(tools, hook) for tools in FAMILIES for hook in CHAINS)
 
     def apply(self, rules: Iterable[MarkRule], known: Sequence[MarkRule] | None = None) -> None:
-        """Make our chains hold `rules` in one commit; hook them in at the top once.
+        """Make our chains hold `rules`, one commit per family; hook them in at the top once.
         `known`: what the chains hold now, when certain; then only the difference is sent."""
         rules = list(rules)
-        # The jumps are checked at start and at every resync (_read_back), not per event: each
-        # check is a process that reads the whole ruleset.
-        if known is not None:
-            delta = render_delta(known, rules)
-            if delta is not None:
-                _run([RESTORE, "-w", "--noflush"], self.netns, delta)
-            return
-        _run([RESTORE, "-w", "--noflush"], self.netns, render(rules))
-        for hook, chain in CHAINS.items():
-            if not self._jump_present(hook):
-                # First in the hook, as the plugin's rules: the mark must be set before any
-                # other rule looks at the packet.
-                _run(
-                    [IPTABLES, "-w", "-t", "mangle", "-I", hook, "1", "-j", chain],
-                    self.netns,
-                )
+        for tools in FAMILIES:
+            mine = [r for r in rules if family_of(r) == tools.version]
+            # The jumps are checked at start and at every resync (_read_back), not per event:
+            # each check is a process that reads the whole ruleset.
+            if known is not None:
+                delta = render_delta([r for r in known if family_of(r) == tools.version], mine)
+                if delta is not None:
+                    _run([tools.restore, "-w", "--noflush"], self.netns, delta)
+                continue
+            _run([tools.restore, "-w", "--noflush"], self.netns, render(mine))
+            for hook, chain in CHAINS.items():
+                if not self._jump_present(tools, hook):
+                    # First in the hook, as the plugin's rules: the mark must be set before any
+                    # other rule looks at the packet.
+                    _run(
+                        [tools.iptables, "-w", "-t", "mangle", "-I", hook, "1", "-j", chain],
+                        self.netns,
+                    )
 
     def current(self) -> list[str]:
-        """Our chains' rules as iptables-save prints them (for status and tests)."""
-        out = _run([SAVE, "-t", "mangle"], self.netns).stdout
+        """Our chains' rules as iptables-save and ip6tables-save print them (status, tests)."""
         return [
             line
-            for line in out.splitlines()
+            for tools in FAMILIES
+            for line in self._saved(tools).splitlines()
             if any(line.startswith(f"-A {c} ") for c in CHAINS.values())
         ]
 
@@ -150,25 +180,26 @@ class IptablesRules:
 
     def remove(self) -> None:
         """Unhook and delete our chains; nothing of ours is left, nothing else is touched."""
-        for hook, chain in CHAINS.items():
-            while self._jump_present(hook):
+        for tools in FAMILIES:
+            for hook, chain in CHAINS.items():
+                while self._jump_present(tools, hook):
+                    _run(
+                        [tools.iptables, "-w", "-t", "mangle", "-D", hook, "-j", chain],
+                        self.netns,
+                    )
+            text = self._saved(tools)
+            present = [c for c in CHAINS.values() if f":{c} " in text]
+            if present:
                 _run(
-                    [IPTABLES, "-w", "-t", "mangle", "-D", hook, "-j", chain],
+                    [tools.restore, "-w", "--noflush"],
                     self.netns,
+                    "\n".join(
+                        [
+                            "*mangle",
+                            *(f":{c} - [0:0]" for c in present),
+                            *(f"-X {c}" for c in present),
+                            "COMMIT",
+                            "",
+                        ]
+                    ),
                 )
-        text = _run([SAVE, "-t", "mangle"], self.netns).stdout
-        present = [c for c in CHAINS.values() if f":{c} " in text]
-        if present:
-            _run(
-                [RESTORE, "-w", "--noflush"],
-                self.netns,
-                "\n".join(
-                    [
-                        "*mangle",
-                        *(f":{c} - [0:0]" for c in present),
-                        *(f"-X {c}" for c in present),
-                        "COMMIT",
-                        "",
-                    ]
-                ),
-            )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 from forecast.desired import MarkRule, RuleMatch
@@ -34,8 +34,8 @@ NFT = "nft"
 STDIN = "/proc/self/fd/0"
 
 
-def _address(net: IPv4Network) -> Any:
-    if net.prefixlen == 32:
+def _address(net: IPv4Network | IPv6Network) -> Any:
+    if net.prefixlen == net.max_prefixlen:
         return str(net.network_address)
     return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
@@ -52,10 +52,11 @@ def _eq(protocol: str, field: str, right: Any) -> dict[str, Any]:
 
 def render_match(m: RuleMatch) -> list[dict[str, Any]]:
     expr: list[dict[str, Any]] = []
+    # The table is `inet`: the address match names the family (and so matches only it).
     if m.src is not None:
-        expr.append(_eq("ip", "saddr", _address(m.src)))
+        expr.append(_eq("ip" if m.src.version == 4 else "ip6", "saddr", _address(m.src)))
     if m.dst is not None:
-        expr.append(_eq("ip", "daddr", _address(m.dst)))
+        expr.append(_eq("ip" if m.dst.version == 4 else "ip6", "daddr", _address(m.dst)))
     if m.proto == "esp":
         expr.append(_eq("esp", "spi", m.spi))
     elif m.proto == "udp":

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from ipaddress import AddressValueError, IPv4Address, IPv4Network, NetmaskValueError
+from ipaddress import AddressValueError, IPv4Address, IPv4Network, IPv6Network, ip_network
 from typing import Any
+
+Network = IPv4Network | IPv6Network
 
 # A rekeyed child still carries traffic for a moment after the new one is installed; its
 # inbound-ESP rule stays this long (the plugin removes it at once and may lose packets).
@@ -89,19 +91,17 @@ def _int(msg: Mapping[Any, Any], key: str, where: str) -> int:
         raise PayloadError(f"{where}: '{key}' is not a number: {text!r}") from None
 
 
-def _networks(msg: Mapping[Any, Any], key: str, where: str) -> tuple[IPv4Network, ...]:
+def _networks(msg: Mapping[Any, Any], key: str, where: str) -> tuple[Network, ...]:
     value = _get(msg, key) or []
     if not isinstance(value, list):
         raise PayloadError(f"{where}: '{key}' is not a list")
-    out = []
+    out: list[Network] = []
     for item in value:
         text = _s(item)
         try:
-            out.append(IPv4Network(text, strict=False))
-        except (AddressValueError, NetmaskValueError, ValueError):
-            if ":" in text:
-                continue  # IPv6 selectors are not forwarded (IPv4 only, as the plugin)
-            raise PayloadError(f"{where}: '{key}' holds {text!r}, not an IPv4 prefix") from None
+            out.append(ip_network(text, strict=False))
+        except ValueError:
+            raise PayloadError(f"{where}: '{key}' holds {text!r}, not an IP prefix") from None
     return tuple(out)
 
 
@@ -138,8 +138,8 @@ class ChildSa:
     remote_port: int
     remote_id: str
     remote_vips: tuple[IPv4Address, ...]
-    local_ts: tuple[IPv4Network, ...]
-    remote_ts: tuple[IPv4Network, ...]
+    local_ts: tuple[Network, ...]  # either family
+    remote_ts: tuple[Network, ...]
     # When set: rekeyed, kept until this monotonic time for its in-flight packets.
     retire_at: float | None = None
 

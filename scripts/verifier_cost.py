@@ -64,12 +64,12 @@ def measure(chunk: int, work: Path) -> list[str]:
     subprocess.run(["mount", "-t", "bpf", "bpf", str(pins)], check=True)
     lines = []
     try:
-        for role, (source, entry, walker) in datapath.PROGRAMS.items():
+        for role, (source, entry, walkers) in datapath.PROGRAMS.items():
             t0 = time.monotonic()
             try:
                 with _stderr_to(work / "verifier.log"):
                     bpf, fds = bpf_build.compile_programs(
-                        source, (entry, walker), pins, pins / f"chain-{role}"
+                        source, (entry, *walkers), pins, pins / f"chain-{role}"
                     )
             except bpf_build.BuildError as exc:
                 log = (work / "verifier.log").read_text(errors="replace").splitlines()

@@ -23,6 +23,24 @@ static __always_inline __u32 fc_group_dirs(const struct fc_config *cfg, __u32 da
 	return dirs;
 }
 
+/* As fc_group_dirs for an IPv6 group (IPv6 has no broadcast). */
+static __always_inline __u32 fc_group6_dirs(const struct fc_config *cfg, const __u32 *daddr)
+{
+	__u32 dirs = cfg->any_group_dirs;
+
+#pragma unroll
+	for (int g = 0; g < FC_MAX_GROUPS; g++) {
+		if (g >= cfg->n_groups6)
+			break;
+		const __u32 *group = cfg->groups6[g].addr;
+
+		if (group[0] == daddr[0] && group[1] == daddr[1] && group[2] == daddr[2] &&
+		    group[3] == daddr[3])
+			dirs |= cfg->group6_dirs[g];
+	}
+	return dirs;
+}
+
 /* 1: within the rate (the packet takes a token); 0: over it. A generic cell rate algorithm:
  * the bucket is a time, `tat`, when it will be empty again; a packet is refused when that lies
  * a whole burst ahead. Two CPUs racing on an idle bucket can each reset it, so under

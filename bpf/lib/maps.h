@@ -17,6 +17,9 @@ BPF_TABLE_PINNED("array", u32, struct fc_sa, fc_sas, FC_MAX_SAS, FC_PIN_DIR "/sa
 BPF_TABLE_PINNED("hash", u32, u32, fc_marks, FC_MAX_SAS, FC_PIN_DIR "/marks");
 BPF_TABLE_PINNED("percpu_array", u32, struct fc_counter, fc_counters, FC_MAX_SAS * FC_DIRS,
 		 FC_PIN_DIR "/counters");
+/* Copies per family and direction: fc_family_counters[family * FC_DIRS + dir]. */
+BPF_TABLE_PINNED("percpu_array", u32, struct fc_counter, fc_family_counters,
+		 FC_FAMILIES * FC_DIRS, FC_PIN_DIR "/families");
 BPF_TABLE_PINNED("percpu_array", u32, u64, fc_drops, FC_DROPS, FC_PIN_DIR "/drops");
 BPF_TABLE_PINNED("percpu_array", u32, u64, fc_sa_drops, FC_MAX_SAS * FC_SA_DROPS,
 		 FC_PIN_DIR "/sa_drops");
@@ -26,14 +29,20 @@ BPF_TABLE_PINNED("array", u32, u32, fc_targets, FC_GENS * FC_LISTS * FC_MAX_SAS,
 		 FC_PIN_DIR "/targets");
 BPF_TABLE_PINNED("array", u32, u32, fc_list_len, FC_GENS * FC_LISTS, FC_PIN_DIR "/list_len");
 BPF_TABLE_PINNED("array", u32, u32, fc_gen, 1, FC_PIN_DIR "/gen");
-/* The walker's own slot: one per build and program (its tail calls must stay within it). */
-BPF_TABLE_PINNED("prog", u32, u32, fc_chain, 1, FC_CHAIN_PIN);
+/* The walkers' slots, one per family (FC_WALK_x): one map per build and program (tail calls
+ * must stay within it). */
+BPF_TABLE_PINNED("prog", u32, u32, fc_chain, FC_FAMILIES, FC_CHAIN_PIN);
 
 /* bcc rewrites map methods (.lookup) only when written in the main source file, never in a
  * header or a macro: the programs look up, these helpers only update what was found. */
 static __always_inline u32 fc_counter_key(u32 slot, u32 dir)
 {
 	return slot * FC_DIRS + dir;
+}
+
+static __always_inline u32 fc_family_key(u32 family, u32 dir)
+{
+	return family * FC_DIRS + dir;
 }
 
 static __always_inline u32 fc_sa_drop_key(u32 slot, u32 reason)

@@ -55,17 +55,31 @@ def _ifindex(name: str) -> int:
     return socket.if_nametoindex(name)
 
 
+def _is6(address: str) -> bool:
+    return ":" in address
+
+
 def receive_main(args: argparse.Namespace) -> int:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    # One family per receiver: IPv6 when its groups are (a v6 socket would also take IPv4).
+    v6 = any(_is6(g) for g in args.group) or args.ipv6
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Room for seconds of traffic: under emulation this reader can fall behind a 1,000/s
     # sender, and a copy lost in its queue would be blamed on the forwarder.
     with contextlib.suppress(PermissionError):
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
-    sock.bind(("", args.port))
+    if v6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(("::" if v6 else "", args.port))
     for group in args.group:
-        # ip_mreqn: join on the named interface (on a client that is the WAN device the
-        # decrypted packets arrive on).
+        # Join on the named interface (on a client that is the WAN device the decrypted
+        # packets arrive on).
+        if v6:
+            mreq = struct.pack(
+                "16si", socket.inet_pton(socket.AF_INET6, group), _ifindex(args.iface)
+            )
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+            continue
         mreq = struct.pack(
             "4s4si", socket.inet_aton(group), socket.inet_aton("0.0.0.0"), _ifindex(args.iface)
         )
@@ -86,7 +100,8 @@ def receive_main(args: argparse.Namespace) -> int:
         ready, _, _ = select.select([sock], [], [], 0.05)
         if not ready:
             continue
-        data, (src, sport) = sock.recvfrom(65535)
+        data, addr = sock.recvfrom(65535)
+        src, sport = addr[0].split("%")[0], addr[1]  # an IPv6 link-local source has a scope
         if args.pktgen:
             # pktgen's own header: magic, then its sequence number; the source port tags the run
             if data[:4] != PKTGEN_MAGIC:
@@ -104,6 +119,45 @@ def send_main(args: argparse.Namespace) -> int:
     if not 0 < args.count <= MAX_SEND_COUNT:
         print(f"send: --count must be 1..{MAX_SEND_COUNT}", file=sys.stderr)
         return 2
+    sock = _socket6(args) if _is6(args.dst) else _socket4(args)
+    start = time.monotonic()
+    failed = 0
+    dst: tuple[Any, ...] = (args.dst, args.port)
+    if _is6(args.dst) and args.iface:
+        dst = (args.dst, args.port, 0, _ifindex(args.iface))  # a link-local group's scope
+    for seq in range(args.count):
+        payload = f"{args.tag} {seq}" + (" " + "." * (args.pad - 1) if args.pad else "")
+        try:
+            sock.sendto(payload.encode(), dst)
+        except OSError as exc:
+            # As a real announcer does: a send refused while the IPsec path is being rebuilt
+            # (a client moving, an SA being replaced) is lost, and the next one is tried.
+            failed += 1
+            if failed == 1:
+                print(f"send: {args.tag} {seq}: {exc}", file=sys.stderr)
+        if args.interval:
+            # Paced on a fixed schedule: a slow step does not lower the rate after it.
+            time.sleep(max(0.0, start + (seq + 1) * args.interval - time.monotonic()))
+    if failed:
+        print(f"send: {failed} of {args.count} sends refused", file=sys.stderr)
+    return 1 if failed == args.count else 0
+
+
+def _socket6(args: argparse.Namespace) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, args.ttl)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, args.ttl)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+    if args.mark:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, args.mark)
+    if args.src:
+        sock.bind((args.src, 0))
+    if args.iface:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, _ifindex(args.iface))
+    return sock
+
+
+def _socket4(args: argparse.Namespace) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, args.ttl)
@@ -124,24 +178,7 @@ def send_main(args: argparse.Namespace) -> int:
             _ifindex(args.iface),
         )
         sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
-    start = time.monotonic()
-    failed = 0
-    for seq in range(args.count):
-        payload = f"{args.tag} {seq}" + (" " + "." * (args.pad - 1) if args.pad else "")
-        try:
-            sock.sendto(payload.encode(), (args.dst, args.port))
-        except OSError as exc:
-            # As a real announcer does: a send refused while the IPsec path is being rebuilt
-            # (a client moving, an SA being replaced) is lost, and the next one is tried.
-            failed += 1
-            if failed == 1:
-                print(f"send: {args.tag} {seq}: {exc}", file=sys.stderr)
-        if args.interval:
-            # Paced on a fixed schedule: a slow step does not lower the rate after it.
-            time.sleep(max(0.0, start + (seq + 1) * args.interval - time.monotonic()))
-    if failed:
-        print(f"send: {failed} of {args.count} sends refused", file=sys.stderr)
-    return 1 if failed == args.count else 0
+    return sock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--iface", default="eth0")
     r.add_argument("--seconds", type=float, default=30.0)
     r.add_argument("--pktgen", action="store_true", help="count pktgen frames (p<sport> <seq>)")
+    r.add_argument("--ipv6", action="store_true", help="an IPv6 socket even with no group")
     s = sub.add_parser("send")
     s.add_argument("--dst", required=True)
     s.add_argument("--port", type=int, required=True)

@@ -156,6 +156,35 @@ def ip4(
     return header + payload
 
 
+def multicast_mac6(group: str) -> bytes:
+    """33:33 and the group's last 32 bits (RFC 2464)."""
+    return b"\x33\x33" + socket.inet_pton(socket.AF_INET6, group)[12:]
+
+
+def ip6(
+    src: str,
+    dst: str,
+    payload: bytes,
+    *,
+    nexthdr: int = 17,
+    hop_limit: int = 1,
+    payload_len: int | None = None,
+    version: int = 6,
+) -> bytes:
+    """An IPv6 packet (fixed header only); every field can be made wrong on purpose."""
+    length = payload_len if payload_len is not None else len(payload)
+    header = struct.pack(
+        "!IHBB16s16s",
+        version << 28,
+        length & 0xFFFF,
+        nexthdr,
+        hop_limit,
+        socket.inet_pton(socket.AF_INET6, src),
+        socket.inet_pton(socket.AF_INET6, dst),
+    )
+    return header + payload
+
+
 def udp(sport: int, dport: int, data: bytes) -> bytes:
     return struct.pack("!HHHH", sport, dport, 8 + len(data), 0) + data
 

@@ -28,10 +28,21 @@ from tests.kernel.prog_run import (
     ETH_VLAN,
     eth,
     ip4,
+    ip6,
     multicast_mac,
+    multicast_mac6,
     udp,
 )
-from tests.kernel.veth_gateway import BCAST, GROUP, PORT, Gateway, add_sas, fcrules
+from tests.kernel.veth_gateway import (
+    BCAST,
+    GROUP,
+    GROUP6,
+    OTHER_GROUP6,
+    PORT,
+    Gateway,
+    add_sas,
+    fcrules,
+)
 
 LAN_HOST_MAC = bytes.fromhex("02aa00000002")
 SOURCE = "10.77.{}.{}"
@@ -86,12 +97,48 @@ def _valid_ipv4(frame: bytes, l3: int, exact: bool) -> bool:
     )
 
 
+def _src6(rng: random.Random) -> str:
+    return f"fe80::{rng.randrange(1, 0xFFFF):x}"
+
+
+def _mc6(rng: random.Random, dst: str = GROUP6, **ip: object) -> bytes:
+    return ip6(_src6(rng), dst, udp(rng.randrange(1024, 65535), PORT, _payload(rng)), **ip)  # type: ignore[arg-type]
+
+
+def _valid_ipv6(frame: bytes, l3: int, exact: bool) -> bool:
+    """What fc_load_ip6 accepts (bpf/lib/classify.h)."""
+    if len(frame) < l3 + 40:
+        return False
+    (payload_len,) = struct.unpack_from("!H", frame, l3 + 4)
+    end = l3 + 40 + payload_len
+    return (
+        frame[l3] >> 4 == 6
+        and payload_len > 0
+        and end <= len(frame)
+        and (not exact or end == len(frame))
+    )
+
+
+def _on_lan6(packet: bytes, ethertype: int = ETH_IPV6) -> bytes:
+    return eth(multicast_mac6(GROUP6), LAN_HOST_MAC, ethertype, packet)
+
+
 def _garbage(rng: random.Random) -> bytes:
     return _on_lan(multicast_mac(GROUP), rng.randbytes(rng.randrange(46, 1486)))
 
 
 def lan_cases(lan_mac: bytes) -> list[Case]:
     mc_mac = multicast_mac(GROUP)
+
+    def ipv6_long(rng: random.Random) -> bytes:
+        body = udp(5000, PORT, _payload(rng))
+        extra = rng.randrange(1, 1000)
+        return _on_lan6(ip6(_src6(rng), GROUP6, body, payload_len=len(body) + extra))
+
+    def ipv6_padded(rng: random.Random) -> bytes:
+        # Ethernet padding after an IPv6 packet, as after IPv4: accepted.
+        packet = _mc6(rng)
+        return _on_lan6(packet + rng.randbytes(rng.randrange(1, 40)))
 
     def later_fragment(rng: random.Random) -> bytes:
         # Looks like DHCP where a UDP header would be: a later fragment has none, so it is
@@ -168,12 +215,56 @@ def lan_cases(lan_mac: bytes) -> list[Case]:
             0,
             drop=DropReason.MALFORMED,
         ),
+        # IPv6: the group forwarded to the two SAs with IPv6 multicast selectors
         Case(
-            "ipv6",
+            "ipv6_multicast",
+            400,
+            lambda r: _on_lan6(_mc6(r, hop_limit=r.randrange(1, 256))),
+            2,
+        ),
+        Case("ipv6_group_not_forwarded", 200, lambda r: _on_lan6(_mc6(r, OTHER_GROUP6))),
+        Case(
+            "ipv6_hop_limit_0",
+            200,
+            lambda r: _on_lan6(_mc6(r, hop_limit=0)),
+            0,
+            drop=DropReason.TTL,
+        ),
+        Case(
+            "ipv6_truncated",
             300,
-            lambda r: _on_lan(
-                b"\x33\x33\x00\x00\x00\xfb", r.randbytes(r.randrange(40, 600)), ETH_IPV6
-            ),
+            lambda r: _on_lan6(_mc6(r))[: r.randrange(14, 54)],
+            0,
+            drop=DropReason.MALFORMED,
+            deliveries=("wire",),
+        ),
+        Case("ipv6_payload_past_frame", 200, ipv6_long, 0, drop=DropReason.MALFORMED),
+        Case("ipv6_padded", 200, ipv6_padded, 2),
+        Case(
+            "ipv6_jumbogram_length_0",
+            100,
+            lambda r: _on_lan6(_mc6(r, payload_len=0)),
+            0,
+            drop=DropReason.MALFORMED,
+        ),
+        Case(
+            "ipv6_version_4",
+            100,
+            lambda r: _on_lan6(_mc6(r, version=4)),
+            0,
+            drop=DropReason.MALFORMED,
+        ),
+        Case(
+            "ipv6_unicast",
+            200,
+            lambda r: _on_lan6(ip6(_src6(r), "fd09::1", udp(9, PORT, _payload(r)))),
+        ),
+        Case(
+            "ipv6_random_bytes",
+            300,
+            lambda r: _on_lan6(r.randbytes(r.randrange(40, 600))),
+            drop=DropReason.MALFORMED,
+            drop_oracle=lambda f: not _valid_ipv6(f, 14, False),
         ),
         Case("arp", 200, lambda r: _on_lan(BROADCAST_MAC, r.randbytes(28), ETH_ARP)),
         Case("vlan_tagged", 200, vlan_tagged),
@@ -218,6 +309,15 @@ def tunnel_cases() -> list[Case]:
 
     def garbage(rng: random.Random) -> bytes:
         return rng.randbytes(rng.randrange(60, 1500))
+
+    def decrypted6(packet: bytes) -> bytes:
+        return eth(outer, outer, ETH_IPV6, packet)
+
+    def ipv6_l3_at_zero(rng: random.Random) -> bytes:
+        # As l3_at_zero: bytes 12-13 of the source address read 0x86dd, the EtherType the
+        # test run takes; the program must find the IPv6 header at 0.
+        body = udp(5000, PORT, _payload(rng, 16, 600))
+        return ip6(f"2001:db8:86dd::{rng.randrange(1, 0xFFFF):x}", GROUP6, body)
 
     def padded(rng: random.Random) -> bytes:
         body = udp(5000, PORT, _payload(rng, 8, 200))
@@ -273,7 +373,37 @@ def tunnel_cases() -> list[Case]:
             mark=0x99,
         ),
         Case("no_mark", 200, lambda r: decrypted(_mc(r)), drop=DropReason.UNKNOWN_ORIGIN, mark=0),
-        Case("ipv6", 200, lambda r: eth(outer, outer, ETH_IPV6, r.randbytes(r.randrange(40, 600)))),
+        # IPv6, from the SA with mark 0x11: the LAN and slot 1 (slot 5 has no IPv6 selector)
+        Case("ipv6_multicast", 400, lambda r: decrypted6(_mc6(r)), 1, 1),
+        Case("ipv6_multicast_l3_at_0", 200, ipv6_l3_at_zero, 1, 1, deliveries=("test_run",)),
+        Case(
+            "ipv6_hop_limit_0", 200, lambda r: decrypted6(_mc6(r, hop_limit=0)), drop=DropReason.TTL
+        ),
+        Case(
+            "ipv6_padded",
+            200,
+            lambda r: decrypted6(_mc6(r) + b"\0" * r.randrange(1, 40)),
+            drop=DropReason.MALFORMED,
+        ),
+        Case(
+            "ipv6_unknown_mark",
+            200,
+            lambda r: decrypted6(_mc6(r)),
+            drop=DropReason.UNKNOWN_ORIGIN,
+            mark=0x99,
+        ),
+        Case(
+            "ipv6_dhcp",
+            100,
+            lambda r: decrypted6(ip6(_src6(r), "ff02::1:2", udp(546, 547, _payload(r)))),
+        ),
+        Case(
+            "ipv6_random_bytes",
+            300,
+            lambda r: eth(outer, outer, ETH_IPV6, r.randbytes(r.randrange(40, 600))),
+            drop=DropReason.MALFORMED,
+            drop_oracle=lambda f: not (_valid_ipv6(f, 14, True) or _valid_ipv6(f, 0, True)),
+        ),
         Case("arp", 100, lambda r: eth(outer, outer, ETH_ARP, r.randbytes(28))),
         Case(
             "dhcp",
@@ -298,30 +428,35 @@ def tunnel_cases() -> list[Case]:
 
 # -- witnesses ---------------------------------------------------------------------------------
 def _lan_witness(gateway: Gateway) -> None:
-    """Count, on the LAN host, every UDP datagram to our port that arrives on eth0."""
-    netns.run(
-        [
-            "iptables",
-            "-t",
-            "mangle",
-            "-A",
-            "PREROUTING",
-            "-i",
-            "eth0",
-            "-p",
-            "udp",
-            "--dport",
-            str(PORT),
-        ],
-        netns=gateway.lan,
-    )
+    """Count, on the LAN host, every UDP datagram to our port that arrives on eth0 (either
+    family)."""
+    for tool in ("iptables", "ip6tables"):
+        netns.run(
+            [
+                tool,
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-i",
+                "eth0",
+                "-p",
+                "udp",
+                "--dport",
+                str(PORT),
+            ],
+            netns=gateway.lan,
+        )
 
 
 def _lan_received(gateway: Gateway) -> int:
-    out = netns.run(["iptables-save", "-c", "-t", "mangle"], netns=gateway.lan).stdout
-    m = re.search(rf"\[(\d+):\d+\] -A PREROUTING -i eth0 -p udp -m udp --dport {PORT}", out)
-    assert m, out
-    return int(m[1])
+    total = 0
+    for tool in ("iptables-save", "ip6tables-save"):
+        out = netns.run([tool, "-c", "-t", "mangle"], netns=gateway.lan).stdout
+        m = re.search(rf"\[(\d+):\d+\] -A PREROUTING -i eth0 -p udp -m udp --dport {PORT}", out)
+        assert m, out
+        total += int(m[1])
+    return total
 
 
 @dataclass

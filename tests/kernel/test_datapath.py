@@ -9,11 +9,13 @@ from ipaddress import IPv4Network
 from forecast import tc
 from forecast.datapath import SaEntry
 from forecast.lab import traffic
-from forecast.layout import Direction, DropReason
+from forecast.layout import Direction, DropReason, Family
 from tests.kernel.veth_gateway import (
     BCAST,
     GROUP,
+    GROUP6,
     OTHER_GROUP,
+    OTHER_GROUP6,
     PAD,
     PORT,
     Gateway,
@@ -116,3 +118,48 @@ def test_a_slot_without_copies_still_forwards_what_it_decrypts(gateway: Gateway)
     time.sleep(0.3)
     assert lan_rx.stop().exactly_once("up", 3)  # slot 0's decrypted traffic reached the LAN
     assert fcrules(gateway) == {0x11: 0, 0x12: 4 + 3, 0x13: 0, 0: 0}
+
+
+def test_ipv6_multicast_both_ways_with_its_own_totals(gateway: Gateway) -> None:
+    """Real IPv6 sockets: the LAN's mDNS group to the SAs whose IPv6 selectors contain it, a
+    client's to the LAN and the other reinjecting SA, a group not configured nowhere; the totals
+    per family say which family the copies were."""
+    add_sas(gateway)
+    traffic.send(gateway.lan, GROUP6, PORT, "mc6", 9, iface="eth0", src="fd09::2", pad=PAD)
+    traffic.send(gateway.lan, OTHER_GROUP6, PORT, "other6", 4, iface="eth0", src="fd09::2")
+    time.sleep(0.5)
+    # slots 0 (ff02::/16) and 1 (ff00::/8); slot 5 has no IPv6 selector
+    assert fcrules(gateway, (6,)) == {0x11: 9, 0x12: 9, 0x13: 0, 0: 0}
+    assert fcrules(gateway, (4,)) == {0x11: 0, 0x12: 0, 0x13: 0, 0: 0}
+
+    lan_rx = traffic.Receiver(gateway.lan, PORT, [GROUP6])
+    # "Decrypted from the SA with mark 0x11", sent from xfpeer into xf0
+    traffic.send(gateway.gw, GROUP6, PORT, "c6", 6, iface="xfpeer", src="fd08::2", mark=0x11)
+    time.sleep(0.5)
+    got = lan_rx.stop()
+    assert got.exactly_once("c6", 6)  # a frame to 33:33:00:00:00:fb the LAN host accepts
+    assert got.sources["c6 0"] == "fd08::2"
+    assert fcrules(gateway, (6,)) == {0x11: 9, 0x12: 9 + 6, 0x13: 0, 0: 0}  # never the origin
+
+    ip6_len = 40 + 8 + len("mc6 0") + PAD
+    counters = gateway.datapath.counters([0, 1])
+    assert counters[0].by_direction[Direction.LAN_TO_SA].bytes == 9 * ip6_len
+    assert counters[0].by_direction[Direction.SA_TO_LAN].packets == 6
+    assert counters[1].by_direction[Direction.SA_TO_SA].packets == 6
+    families = gateway.datapath.family_counters()
+    assert families[Family.IPV6][Direction.LAN_TO_SA].packets == 18
+    assert families[Family.IPV6][Direction.LAN_TO_SA].bytes == 18 * ip6_len
+    assert families[Family.IPV6][Direction.SA_TO_LAN].packets == 6
+    assert families[Family.IPV6][Direction.SA_TO_SA].packets == 6
+    assert all(families[Family.IPV4][d].packets == 0 for d in Direction)
+    assert all(v == 0 for v in gateway.datapath.drops().values())
+
+
+def test_ipv4_copies_count_in_the_ipv4_totals(gateway: Gateway) -> None:
+    add_sas(gateway)
+    traffic.send(gateway.lan, GROUP, PORT, "mc", 5, iface="eth0", pad=PAD)
+    time.sleep(0.3)
+    families = gateway.datapath.family_counters()
+    assert families[Family.IPV4][Direction.LAN_TO_SA].packets == 15
+    assert families[Family.IPV4][Direction.LAN_TO_SA].bytes == 15 * (20 + 8 + len("mc 0") + PAD)
+    assert families[Family.IPV6][Direction.LAN_TO_SA].packets == 0

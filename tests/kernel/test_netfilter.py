@@ -8,7 +8,7 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 import pytest
 
@@ -28,6 +28,10 @@ def _vip(last: int) -> RuleMatch:
     return RuleMatch(dst=IPv4Network(f"10.1.0.{last}/32"))
 
 
+def _vip6(last: int) -> RuleMatch:
+    return RuleMatch(dst=IPv6Network(f"fd00:1::{last:x}/128"))
+
+
 def _rule(chain: str, match: RuleMatch, mark: int) -> MarkRule:
     return MarkRule(chain, match, mark, f"forecast-bpf test {mark}")
 
@@ -37,7 +41,11 @@ def _signatures(rules: list[MarkRule]) -> Counter[tuple[str, str, int]]:
 
 
 def _iptables_save(ns: str) -> str:
-    return netns.run(["iptables-save", "-t", "mangle"], netns=ns).stdout
+    """Both families' mangle tables: the iptables back end writes IPv6 rules with ip6tables."""
+    return "".join(
+        netns.run([tool, "-t", "mangle"], netns=ns).stdout
+        for tool in ("iptables-save", "ip6tables-save")
+    )
 
 
 def _nft_ruleset(ns: str) -> str:
@@ -99,27 +107,35 @@ def test_apply_replace_remove(rules: netfilter.RuleSet, nsname: str) -> None:
         _rule("PREROUTING", NATT, 3),
         _rule("PREROUTING", _vip(129), 2),
         _rule("OUTPUT", _vip(129), 2),
+        # a dual-stack client's IPv6 virtual IP
+        _rule("PREROUTING", _vip6(0x81), 2),
+        _rule("OUTPUT", _vip6(0x81), 2),
     ]
     rules.apply(want)
     assert rules.hooked() and rules.present()
     assert rules.signatures() == _signatures(want)
     current = rules.current()
-    assert len(current) == 4
+    assert len(current) == 6
     if rules.name == "iptables":
         pre = [ln for ln in _iptables_save(nsname).splitlines() if ln.startswith("-A PREROUTING")]
         assert pre[0] == "-A PREROUTING -j FORECAST-PRE"  # first: marks before anything else
         assert any("--espspi 1061112765" in r and "0x2/0xffffffff" in r for r in current)
+        v6 = netns.run(["ip6tables-save", "-t", "mangle"], netns=nsname).stdout
+        assert "-A FORECAST-PRE -d fd00:1::81/128" in v6 and "-A OUTPUT -j FORECAST-OUT" in v6
+        assert "fd00" not in netns.run(["iptables-save", "-t", "mangle"], netns=nsname).stdout
     else:
         # Before iptables' mangle (-150) and any other mangle chain.
         assert "type filter hook prerouting priority mangle - 1;" in _nft_ruleset(nsname)
         assert any("esp spi 1061112765 meta mark set 0x00000002" in r for r in current)
         assert any("udp sport 4500 udp dport 4500 meta mark set 0x00000003" in r for r in current)
+        assert any("ip6 daddr fd00:1::81 meta mark set 0x00000002" in r for r in current)
 
     # A second whole apply replaces the contents and does not hook twice.
     rules.apply([_rule("PREROUTING", _vip(130), 3)])
     current = rules.current()
     assert len(current) == 1 and "10.1.0.130" in current[0]
-    assert _iptables_save(nsname).count("-j FORECAST-PRE") == (rules.name == "iptables")
+    # one jump per family (iptables and ip6tables)
+    assert _iptables_save(nsname).count("-j FORECAST-PRE") == 2 * (rules.name == "iptables")
     assert _nft_ruleset(nsname).count("table inet forecast_bpf") == (rules.name == "nftables")
 
     rules.remove()
@@ -293,7 +309,9 @@ def test_hostile_names_reach_either_back_end_as_one_harmless_comment(
         for ln in appended
     ), appended
     tables = {ln for ln in _nft_ruleset(nsname).splitlines() if ln.startswith("table ")}
-    assert tables <= {"table ip mangle {", "table inet forecast_bpf {"}, tables
+    assert tables <= {"table ip mangle {", "table ip6 mangle {", "table inet forecast_bpf {"}, (
+        tables
+    )
     rules.remove()
     assert "FORECAST" not in _iptables_save(nsname)
     assert "forecast_bpf" not in _nft_ruleset(nsname)

@@ -2,9 +2,10 @@
 shared by the data path, guard and classifier tests.
 
     L: eth0 10.9.0.2 ── G: lan0 10.9.0.1/16   (LAN program on lan0 ingress)
+       fd09::2            fd09::1/64
                         G: xf0 ── xfpeer       (tunnel program on xf0 ingress; copies for SAs
-                                                leave xf0 and are counted, per mark, by
-                                                iptables rules on xfpeer in G)
+                           fd08::1  fd08::2     leave xf0 and are counted, per mark, by
+                                                iptables and ip6tables rules on xfpeer in G)
 
 xf0 and xfpeer share a namespace, so skb->mark survives the veth crossing in both directions:
 a packet sent from xfpeer with SO_MARK M reaches xf0 as "decrypted by the SA with mark M".
@@ -19,7 +20,7 @@ import re
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from forecast.lab import netns
 
 GROUP = "239.255.255.250"
 OTHER_GROUP = "224.0.0.251"  # not in the configured groups
+GROUP6 = "ff02::fb"
+OTHER_GROUP6 = "ff02::1:3"  # not in the configured groups
 BCAST = "10.9.255.255"
 PORT = 1900
 MARKS = (0x11, 0x12, 0x13)
@@ -85,6 +88,18 @@ def gateway(run_prefix: str, tmp_path: Path) -> Iterator[Gateway]:
         ):
             netns.run(["ip", "addr", "add", cidr, "brd", "+", "dev", dev], netns=ns)
             netns.run(["ip", "link", "set", dev, "up"], netns=ns)
+        for ns, dev, cidr in (
+            (gw, "lan0", "fd09::1/64"),
+            (lan, "eth0", "fd09::2/64"),
+            (gw, "xf0", "fd08::1/64"),
+            (gw, "xfpeer", "fd08::2/64"),
+        ):
+            netns.run(["ip", "-6", "addr", "add", cidr, "dev", dev, "nodad"], netns=ns)
+        for ns in (gw, lan):
+            # No ICMPv6 chatter of the namespaces' own (router solicitations, MLD reports, DAD):
+            # from xfpeer it would reach the tunnel program as unmarked, unknown-origin traffic
+            # at random moments, which the tests count exactly.
+            netns.run(["ip6tables", "-A", "OUTPUT", "-p", "ipv6-icmp", "-j", "DROP"], netns=ns)
         # Every copy leaving xf0 arrives on xfpeer: the jump counts them all, the chain of
         # non-terminating rules counts them per mark.
         restore = "\n".join(
@@ -100,6 +115,7 @@ def gateway(run_prefix: str, tmp_path: Path) -> Iterator[Gateway]:
             ]
         )
         netns.run(["iptables-restore"], netns=gw, input_text=restore)
+        netns.run(["ip6tables-restore"], netns=gw, input_text=restore)
         ifindex = {name: netns.ifindex(gw, name) for name in ("lan0", "xf0", "xfpeer")}
         datapath.load()
         # No storm guard and any group from clients (the plugin's behaviour): the tests that
@@ -109,7 +125,7 @@ def gateway(run_prefix: str, tmp_path: Path) -> Iterator[Gateway]:
             lan_ifindex=ifindex["lan0"],
             lan_mac=bytes.fromhex("02fc00000001"),
             lan_broadcast=IPv4Address(BCAST),
-            groups=(IPv4Address(GROUP), IPv4Address("224.0.0.252")),
+            groups=(IPv4Address(GROUP), IPv4Address("224.0.0.252"), IPv6Address(GROUP6)),
         )
         datapath.write_config(config)
         tc.attach(ifindex["lan0"], datapath.fds["lan"], "fc_lan_ingress", netns=gw)
@@ -118,29 +134,38 @@ def gateway(run_prefix: str, tmp_path: Path) -> Iterator[Gateway]:
 
 
 def add_sas(gateway: Gateway) -> None:
-    """slot 0: mark 0x11, multicast + the LAN broadcast, reinject
-    slot 1: mark 0x12, multicast only, reinject
-    slot 5: mark 0x13, multicast + broadcast, no reinject"""
+    """slot 0: mark 0x11, multicast + the LAN broadcast + IPv6 link-local multicast, reinject
+    slot 1: mark 0x12, multicast (both families), reinject
+    slot 5: mark 0x13, IPv4 multicast + broadcast, no reinject"""
     mc, bc = IPv4Network("224.0.0.0/4"), IPv4Network(f"{BCAST}/32")
+    ll6, mc6 = IPv6Network("ff02::/16"), IPv6Network("ff00::/8")
     vip = IPv4Network("10.9.128.1/32")
-    gateway.datapath.write_sa(0, SaEntry(0x11, 0x11, (vip, mc, bc), reinject=True))
-    gateway.datapath.write_sa(1, SaEntry(0x12, 0x12, (mc,), reinject=True))
+    gateway.datapath.write_sa(0, SaEntry(0x11, 0x11, (vip, mc, bc, ll6), reinject=True))
+    gateway.datapath.write_sa(1, SaEntry(0x12, 0x12, (mc, mc6), reinject=True))
     gateway.datapath.write_sa(5, SaEntry(0x13, 0x13, (mc, bc), reinject=False))
     assert gateway.datapath.sync_targets()
 
 
-def fcrules(gateway: Gateway) -> dict[int, int]:
-    out = netns.run(["iptables-save", "-c", "-t", "mangle"], netns=gateway.gw).stdout
-    return {
-        int(m[2], 16): int(m[1])
+def _saved(gateway: Gateway, families: tuple[int, ...]) -> list[str]:
+    tools = {4: "iptables-save", 6: "ip6tables-save"}
+    return [netns.run([tools[f], "-c", "-t", "mangle"], netns=gateway.gw).stdout for f in families]
+
+
+def fcrules(gateway: Gateway, families: tuple[int, ...] = (4, 6)) -> dict[int, int]:
+    """Copies that left the stand-in XFRM interface, per mark, in these address families."""
+    out: dict[int, int] = {}
+    for text in _saved(gateway, families):
         for m in re.finditer(
-            r"\[(\d+):\d+\] -A FCCOUNT -i xfpeer -m mark --mark (0x[0-9a-f]+)", out
-        )
-    }
+            r"\[(\d+):\d+\] -A FCCOUNT -i xfpeer -m mark --mark (0x[0-9a-f]+)", text
+        ):
+            out[int(m[2], 16)] = out.get(int(m[2], 16), 0) + int(m[1])
+    return out
 
 
-def total_copies(gateway: Gateway) -> int:
-    out = netns.run(["iptables-save", "-c", "-t", "mangle"], netns=gateway.gw).stdout
-    m = re.search(r"\[(\d+):\d+\] -A PREROUTING -i xfpeer -j FCCOUNT", out)
-    assert m, out
-    return int(m[1])
+def total_copies(gateway: Gateway, families: tuple[int, ...] = (4, 6)) -> int:
+    total = 0
+    for text in _saved(gateway, families):
+        m = re.search(r"\[(\d+):\d+\] -A PREROUTING -i xfpeer -j FCCOUNT", text)
+        assert m, text
+        total += int(m[1])
+    return total

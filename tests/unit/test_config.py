@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
@@ -80,7 +80,7 @@ def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
 
 def test_too_many_groups() -> None:
     groups = [f"239.0.0.{i}" for i in range(1, 18)]
-    with pytest.raises(ConfigError, match="17 groups, at most 16"):
+    with pytest.raises(ConfigError, match="17 IPv4 groups, at most 16"):
         config.parse({"groups": groups})
 
 
@@ -93,19 +93,30 @@ def test_clients_send_only_the_lan_groups_unless_widened() -> None:
     cfg = config.parse({"groups": ["239.255.255.250"]})
     assert cfg.client_groups is None
     clients = config.client_groups_for(cfg)
-    assert clients.to_lan == clients.to_clients == (IPv4Address("239.255.255.250"),)
+    # both families' LAN groups, the IPv6 ones by default
+    assert (
+        clients.to_lan
+        == clients.to_clients
+        == (
+            IPv4Address("239.255.255.250"),
+            *(IPv6Address(g) for g in config.DEFAULT_GROUPS6),
+        )
+    )
     wide = config.parse(
         {"client_groups": {"to_lan": "any", "to_clients": ["224.0.0.251"]}, "groups": ["239.1.1.1"]}
     )
     assert wide.client_groups == config.ClientGroups(None, (IPv4Address("224.0.0.251"),))
     none = config.parse({"client_groups": {"to_clients": []}})
     assert none.client_groups is not None and none.client_groups.to_clients == ()
-    assert none.client_groups.to_lan == none.groups  # unnamed direction: the LAN groups
+    # unnamed direction: the LAN groups, both families
+    assert none.client_groups.to_lan == (*none.groups, *none.groups6)
 
 
 def test_group_union_must_fit_the_data_path() -> None:
     many = [f"239.0.1.{i}" for i in range(1, 10)]
-    with pytest.raises(ConfigError, match=r"name 18 different groups together; .* at most 16"):
+    with pytest.raises(
+        ConfigError, match=r"name 18 different IPv4 groups together; .* at most 16 per family"
+    ):
         config.parse(
             {"client_groups": {"to_lan": many}, "groups": [f"239.0.0.{i}" for i in range(1, 10)]}
         )

@@ -39,6 +39,10 @@ def test_constants_match() -> None:
     assert d["FC_GENS"] == layout.FC_GENS
     assert d["FC_MAX_TS"] == layout.FC_MAX_TS
     assert d["FC_MAX_GROUPS"] == layout.FC_MAX_GROUPS
+    assert d["FC_FAMILIES"] == layout.FC_FAMILIES
+    for family in layout.Family:
+        assert d[f"FC_FAMILY_{family.name}"] == family.value
+        assert re.search(rf"#define FC_WALK_{family.name} FC_FAMILY_{family.name}\b", HEADER)
     assert d["FC_SA_ACTIVE"] == layout.FC_SA_ACTIVE
     assert d["FC_SA_REINJECT"] == layout.FC_SA_REINJECT
     assert d["FC_DIRS"] == layout.FC_DIRS
@@ -66,6 +70,8 @@ def test_structs_match_field_by_field() -> None:
     d = _defines()
     pairs = {
         "fc_ts": layout.FcTs,
+        "fc_in6": layout.FcIn6,
+        "fc_ts6": layout.FcTs6,
         "fc_sa": layout.FcSa,
         "fc_config": layout.FcConfig,
         "fc_counter": layout.FcCounter,
@@ -89,10 +95,17 @@ def test_structs_match_field_by_field() -> None:
 
 
 def test_sizes_have_no_hidden_padding() -> None:
-    assert ctypes.sizeof(layout.FcSa) == 16 + 8 * layout.FC_MAX_TS
-    assert ctypes.sizeof(layout.FcConfig) == 16 + 2 * 4 * layout.FC_MAX_GROUPS + 4 + 12 + 2 * 16
+    assert ctypes.sizeof(layout.FcSa) == 16 + 8 * layout.FC_MAX_TS + 4 + 32 * layout.FC_MAX_TS
+    ipv4 = 16 + 2 * 4 * layout.FC_MAX_GROUPS + 4 + 12 + 2 * 16
+    ipv6 = 4 + (4 + 16) * layout.FC_MAX_GROUPS + 4
+    assert ctypes.sizeof(layout.FcConfig) == ipv4 + ipv6
     assert ctypes.sizeof(layout.FcConfig) % 8 == 0
 
 
 def test_be32_is_network_order_in_memory() -> None:
     assert bytes(ctypes.c_uint32(layout.be32("224.0.0.251"))) == bytes([224, 0, 0, 251])
+
+
+def test_be128_is_network_order_in_memory() -> None:
+    words = (ctypes.c_uint32 * 4)(*layout.be128("ff02::1:3"))
+    assert bytes(words) == bytes([0xFF, 2] + [0] * 11 + [1, 0, 3])

@@ -110,7 +110,7 @@ def test_snapshot_replaces_the_table(fixtures_dir: Path) -> None:
     [
         (lambda c: c.pop("spi-in"), "CHILD_SA rw/rw: missing 'spi-in'"),
         (lambda c: c.__setitem__("mark-in", b"zz"), "'mark-in' is not hexadecimal"),
-        (lambda c: c.__setitem__("remote-ts", [b"10.1.0.300/32"]), "not an IPv4 prefix"),
+        (lambda c: c.__setitem__("remote-ts", [b"10.1.0.300/32"]), "not an IP prefix"),
         (lambda c: c.__setitem__("uniqueid", b"two"), "'uniqueid' is not a number"),
     ],
 )
