@@ -105,6 +105,11 @@ def _add_lab_topology_args(p: argparse.ArgumentParser) -> None:
         help="this client sits behind a NAT router of its own (UDP-encapsulated ESP)",
     )
     p.add_argument(
+        "--ipv6",
+        action="store_true",
+        help="dual stack: an IPv6 LAN, IPv6 virtual IPs and IPv6 multicast selectors too",
+    )
+    p.add_argument(
         "--no-set-mark-in",
         action="store_true",
         help="gateway children without set_mark_in: only the inbound MARK rules mark",

@@ -7,7 +7,8 @@ path now.
 
 Series count: 6 per SA (`forecast_sa_packets_total` and `forecast_sa_bytes_total`, 3 directions
 each), so 24,576 at 4,096 SAs, plus 6 per connection (`forecast_connection_*`, the sums over its
-SAs) and about 20 fixed. `metrics_per_sa: false` drops the per-SA series and keeps the sums.
+SAs) and about 30 fixed (12 of them `forecast_family_*`: 2 families, 3 directions).
+`metrics_per_sa: false` drops the per-SA series and keeps the sums.
 Per-SA drops (`forecast_sa_drops_total`, 4 reasons) appear only once an SA has dropped
 something, so a quiet fleet pays nothing for them; their sums per connection are always there.
 """
@@ -30,7 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from forecast import __version__, layout
-from forecast.layout import Direction, DropReason
+from forecast.layout import Direction, DropReason, Family
 
 if TYPE_CHECKING:
     from forecast.daemon import Daemon
@@ -40,6 +41,7 @@ DIRECTIONS = {
     Direction.SA_TO_LAN: "sa_to_lan",
     Direction.SA_TO_SA: "sa_to_sa",
 }
+FAMILIES = {Family.IPV4: "ipv4", Family.IPV6: "ipv6"}
 SA_LABELS = ["connection", "child", "unique_id"]
 
 
@@ -144,6 +146,25 @@ class ForecastCollector(Collector):
         yield conn_packets
         yield conn_bytes
         yield conn_drops
+
+        fam_packets = CounterMetricFamily(
+            "forecast_family_packets",
+            "Multicast/broadcast packets forwarded, per address family and direction, over "
+            "every SA the data path held",
+            labels=["family", "direction"],
+        )
+        fam_bytes = CounterMetricFamily(
+            "forecast_family_bytes",
+            "Bytes (IP length) forwarded, per address family and direction",
+            labels=["family", "direction"],
+        )
+        if d.datapath is not None:
+            for family, by_dir in d.datapath.family_counters().items():
+                for direction, name in DIRECTIONS.items():
+                    fam_packets.add_metric([FAMILIES[family], name], by_dir[direction].packets)
+                    fam_bytes.add_metric([FAMILIES[family], name], by_dir[direction].bytes)
+        yield fam_packets
+        yield fam_bytes
 
         drops = CounterMetricFamily(
             "forecast_drops", "Packets not forwarded, by reason", labels=["reason"]

@@ -12,10 +12,11 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, replace
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from forecast.layout import Direction, SaDropReason
+from forecast.layout import Direction, Family, SaDropReason
 from forecast.pinned import PinnedCounters, PinnedError
 
 SCHEMA_VERSION = 1
@@ -26,6 +27,7 @@ DIRECTION_KEYS = {
 }
 
 
+FAMILY_KEYS = {Family.IPV4: "ipv4", Family.IPV6: "ipv6"}
 STORM = SaDropReason.STORM.name.lower()
 
 
@@ -84,6 +86,13 @@ def read(state_file: Path) -> Snapshot:
                 totals[key]["bytes"] += nbytes
             sas.append(entry)
         drops = {r.name.lower(): n for r, n in counters.drop_counts().items()}
+        families = {
+            FAMILY_KEYS[f]: {
+                DIRECTION_KEYS[d]: {"packets": packets, "bytes": nbytes}
+                for d, (packets, nbytes) in by_dir.items()
+            }
+            for f, by_dir in counters.family_counts().items()
+        }
     finally:
         counters.close()
     return Snapshot(
@@ -99,6 +108,8 @@ def read(state_file: Path) -> Snapshot:
             },
             "sas": sas,
             "totals": totals,
+            # The same copies by address family, over every SA the data path ever held.
+            "families": families,
             "drops": drops,
             # Copies the data path handed over that the kernel could not send (XFRM interface
             # TX errors since the daemon started): queues after encryption, missing policies.
@@ -178,7 +189,7 @@ def _sort_key(key: str, rates: dict[str, dict[str, float]] | None) -> Any:
     if key == "remote":
         return lambda sa: sa["remote_id"]
     if key == "vip":
-        return lambda sa: [int(p) for v in sa["virtual_ips"][:1] for p in v.split(".")]
+        return lambda sa: [(a.version, int(a)) for a in map(ip_address, sa["virtual_ips"][:1])]
     if key == "conn":
         return lambda sa: (sa["ike"], sa["child"], sa["unique_id"])
     # Counters: busiest first, by rate when there are rates (--watch), else by total.
@@ -313,6 +324,23 @@ def render_table(
 def _footer(snap: Snapshot) -> list[str]:
     drops = ", ".join(f"{k} {v}" for k, v in snap.doc["drops"].items() if v) or "none"
     lines = [f"drops: {drops}"]
+    families = snap.doc.get("families")
+    if families:
+        lines.append(
+            "copies by family: "
+            + " | ".join(
+                f"{name[:2].upper()}{name[2:]} "
+                + " ".join(
+                    f"{label} {_human(families[name][key]['packets'])}"
+                    for label, key in (
+                        ("LAN>SA", "lan_to_sa"),
+                        ("SA>LAN", "sa_to_lan"),
+                        ("SA>SA", "sa_to_sa"),
+                    )
+                )
+                for name in FAMILY_KEYS.values()
+            )
+        )
     # Who floods: the SAs the storm guard held back most.
     storming = sorted(
         (sa for sa in snap.sas if sa.get("drops", {}).get(STORM, 0)),

@@ -9,13 +9,15 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from ipaddress import IPv4Address
+from ipaddress import ip_address
 from typing import Any
 
 from forecast.lab import ipsec_state, traffic
 from forecast.lab.topology import Host, Topology
 
 SSDP_GROUP = "239.255.255.250"
+SSDP_GROUP6 = "ff02::c"
+MDNS_GROUP6 = "ff02::fb"
 SSDP_PORT = 1900
 DEFAULT_COUNT = 20
 _STARTED = time.monotonic()
@@ -42,9 +44,10 @@ def _tag(label: str) -> str:
 
 def _groups_for(dst: str) -> list[str]:
     """Receivers join the destination when it is a group, so "nobody got it" means the
-    forwarder held it back, not that nobody listened."""
-    groups = [SSDP_GROUP]
-    if IPv4Address(dst).is_multicast and dst not in groups:
+    forwarder held it back, not that nobody listened. An IPv6 destination: an IPv6 receiver."""
+    addr = ip_address(dst)
+    groups = [SSDP_GROUP if addr.version == 4 else SSDP_GROUP6]
+    if addr.is_multicast and dst not in groups:
         groups.append(dst)
     return groups
 
@@ -113,8 +116,10 @@ def client_to_others(
     tag = _tag(origin)
     src = topo.host(origin)
 
+    vip = src.virtual_ip6 if ip_address(dst).version == 6 else src.virtual_ip
+
     def send() -> None:
-        traffic.send(src.netns, dst, SSDP_PORT, tag, count, src=src.virtual_ip, iface="eth0")
+        traffic.send(src.netns, dst, SSDP_PORT, tag, count, src=vip, iface="eth0")
 
     expect = dict.fromkeys(expect_clients, 1) | ({"lan": 1} if expect_lan else {})
     ok, detail = _receive_everywhere([*topo.clients, topo.lan_host], send, tag, count, expect, dst)
@@ -122,16 +127,18 @@ def client_to_others(
     return CheckResult(f"{origin} -> {dst} reaches {who} once, no echo", ok, detail)
 
 
-def unicast(topo: Topology, count: int = 3) -> CheckResult:
+def unicast(topo: Topology, count: int = 3, version: int = 4) -> CheckResult:
     """Ping VIP <-> LAN host for every client; the gateway's ESP counters of each SA must rise."""
     gw_socket = topo.gateway.vici_socket
     before = ipsec_state.esp_packets(gw_socket)
     detail: dict[str, Any] = {}
     ok = True
+    lan_addr = topo.lan_host.lan_addr6 if version == 6 else topo.lan_host.lan_addr
     for c in topo.clients:
-        to_lan = traffic.ping(c.netns, topo.lan_host.lan_addr, count, src=c.virtual_ip)
-        from_lan = traffic.ping(topo.lan_host.netns, c.virtual_ip, count)
-        detail[c.name] = {"vip": c.virtual_ip, "ping_to_lan": to_lan, "ping_from_lan": from_lan}
+        vip = c.virtual_ip6 if version == 6 else c.virtual_ip
+        to_lan = traffic.ping(c.netns, lan_addr, count, src=vip)
+        from_lan = traffic.ping(topo.lan_host.netns, vip, count)
+        detail[c.name] = {"vip": vip, "ping_to_lan": to_lan, "ping_from_lan": from_lan}
         ok &= to_lan and from_lan
     after = ipsec_state.esp_packets(gw_socket)
     for uid, (pin, pout) in after.items():
@@ -140,7 +147,10 @@ def unicast(topo: Topology, count: int = 3) -> CheckResult:
         detail[f"sa{uid}"] = {"esp_in": pin - b_in, "esp_out": pout - b_out, "rose": rose}
         ok &= rose
     ok &= len(after) == len(topo.clients)
-    return CheckResult("unicast VIP <-> LAN over ESP, gateway SA counters rise", ok, detail)
+    family = "" if version == 4 else " (IPv6)"
+    return CheckResult(
+        f"unicast VIP <-> LAN over ESP{family}, gateway SA counters rise", ok, detail
+    )
 
 
 def reference_scenario(topo: Topology) -> list[CheckResult]:

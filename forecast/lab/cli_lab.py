@@ -30,6 +30,7 @@ def lab_options(args: argparse.Namespace) -> LabOptions:
         no_broadcast=frozenset(args.no_broadcast or []),
         nat=frozenset(args.nat or []),
         set_mark_in=not args.no_set_mark_in,
+        ipv6=args.ipv6,
     )
 
 

@@ -21,6 +21,14 @@ GATEWAY_CHILD_NO_BROADCAST = "rw-nobcast"
 CLIENT_CONN = "gw"
 CLIENT_CHILD = "gw"
 POOL_NAME = "rw-pool"
+POOL6_NAME = "rw-pool6"
+# IPv6 multicast the lab's SAs carry: link-local scope, where discovery lives (mDNS ff02::fb,
+# LLMNR ff02::1:3, SSDP ff02::c). The LAN side names all IPv6 multicast and link-local sources
+# (a host announces from its link-local address), and the IPv6 virtual IPs, which lie outside
+# the LAN's /64: a client's multicast reinjected to another client carries its virtual IP.
+MULTICAST6_LINK = "ff02::/16"
+MULTICAST6 = "ff00::/8"
+LINK_LOCAL6 = "fe80::/10"
 GATEWAY_ID = "gw@forecast.lab"
 
 BASE_PLUGINS = [
@@ -57,6 +65,13 @@ def charon_plugins(*, gateway: bool, mode: GatewayMode, libipsec: bool) -> list[
     return [*BASE_PLUGINS, *kernel, "socket-default", "vici", *extra]
 
 
+def local_side6(lan_net6: str | None, vip_pool6: str | None) -> list[str]:
+    """The gateway's side of a dual-stack child, IPv6 part (none without an IPv6 LAN)."""
+    if not lan_net6:
+        return []
+    return [lan_net6, *([vip_pool6] if vip_pool6 else []), LINK_LOCAL6, MULTICAST6]
+
+
 def client_id(name: str, identity: int = 0) -> str:
     """A road warrior's IKE identity; identity k (1..) of a host that holds several."""
     return f"{name}-{identity}@forecast.lab" if identity else f"{name}@forecast.lab"
@@ -80,15 +95,20 @@ def gateway_conn(
     if_id: int,
     no_broadcast: frozenset[str] = frozenset(),
     set_mark_in: bool = True,
+    lan_net6: str | None = None,
+    vip_pool6: str | None = None,
 ) -> dict[str, Any]:
     """The gateway's connections: `rw` for everyone, plus one per client in `no_broadcast`
     whose child lacks the broadcast TS. A client proposes 0.0.0.0/0 for `dynamic` before it
     knows its virtual IP, so only the gateway can narrow the broadcast away."""
 
+    v6_local = local_side6(lan_net6, vip_pool6)
+    v6_remote = [MULTICAST6_LINK] if lan_net6 else []
+
     def child(remote_ts: list[str]) -> dict[str, Any]:
         c: dict[str, Any] = {
-            "local_ts": [lan_net, "224.0.0.0/4"],
-            "remote_ts": remote_ts,
+            "local_ts": [lan_net, "224.0.0.0/4", *v6_local],
+            "remote_ts": [*remote_ts, *v6_remote],
             "mark_in": "%unique",
             "mark_out": "%unique",
             "esp_proposals": [ESP_PROPOSAL],
@@ -104,7 +124,7 @@ def gateway_conn(
             "version": "2",
             "local_addrs": [wan_addr],
             "proposals": [IKE_PROPOSAL],
-            "pools": [POOL_NAME],
+            "pools": [POOL_NAME, *([POOL6_NAME] if lan_net6 else [])],
             "local": {"auth": "psk", "id": GATEWAY_ID},
             "remote": {"auth": "psk", **({"id": remote_id} if remote_id else {})},
             "children": children,
@@ -131,6 +151,8 @@ def client_conn(
     lan_net: str,
     lan_broadcast: str | None,
     identities: int = 1,
+    lan_net6: str | None = None,
+    vip_pool6: str | None = None,
 ) -> dict[str, Any]:
     """A road warrior. The client narrows the gateway's reply against its own local_ts, so the
     broadcast must be named here or its inbound policy drops the decrypted broadcast. None:
@@ -141,12 +163,18 @@ def client_conn(
     multicast policy (LAN → 224.0.0.0/4 is the same selector for all), and the kernel checks a
     decrypted packet against that one policy's template reqid, so they share one fixed reqid;
     with one reqid each, every identity but one would have its multicast dropped."""
-    local_ts = ["dynamic", "224.0.0.0/4", *([lan_broadcast] if lan_broadcast else [])]
+    local_ts = [
+        "dynamic",
+        "224.0.0.0/4",
+        *([lan_broadcast] if lan_broadcast else []),
+        *([MULTICAST6_LINK] if lan_net6 else []),
+    ]
+    remote_ts = [lan_net, "224.0.0.0/4", *local_side6(lan_net6, vip_pool6)]
     out = {}
     for k in identity_numbers(identities):
         child: dict[str, Any] = {
             "local_ts": local_ts,
-            "remote_ts": [lan_net, "224.0.0.0/4"],
+            "remote_ts": remote_ts,
             "esp_proposals": [ESP_PROPOSAL],
         }
         if k:
@@ -154,7 +182,7 @@ def client_conn(
         out[client_conn_name(k)] = {
             "version": "2",
             "remote_addrs": [gateway_addr],
-            "vips": ["0.0.0.0"],
+            "vips": ["0.0.0.0", *(["::"] if lan_net6 else [])],
             "proposals": [IKE_PROPOSAL],
             "local": {"auth": "psk", "id": client_id(name, k)},
             "remote": {"auth": "psk", "id": GATEWAY_ID},
@@ -167,5 +195,5 @@ def shared_secret() -> dict[str, Any]:
     return {"type": "IKE", "data": PSK, "owners": []}
 
 
-def pool(addrs: str) -> dict[str, Any]:
-    return {POOL_NAME: {"addrs": addrs}}
+def pool(addrs: str, addrs6: str | None = None) -> dict[str, Any]:
+    return {POOL_NAME: {"addrs": addrs}, **({POOL6_NAME: {"addrs": addrs6}} if addrs6 else {})}

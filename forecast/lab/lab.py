@@ -37,6 +37,8 @@ class LabOptions:
     # False: the gateway's children lack set_mark_in, so only the inbound MARK rule marks what
     # a client sends (forecast-bpf mode).
     set_mark_in: bool = True
+    # Dual stack: an IPv6 LAN, IPv6 virtual IPs from a second pool, IPv6 multicast selectors.
+    ipv6: bool = False
     connect: bool = True
     prefix: str = ""
 
@@ -50,6 +52,7 @@ class Lab:
             options.clients,
             options.identities,
             options.nat,
+            options.ipv6,
         )
         self.workdir = Path(tempfile.mkdtemp(prefix=f"forecast-{self.topology.prefix}-"))
         self.charons: dict[str, CharonInstance] = {}
@@ -111,6 +114,8 @@ class Lab:
                     lan_net=topo.lan_net,
                     lan_broadcast=None if opts.libipsec else topo.lan_broadcast,
                     identities=topo.identities,
+                    lan_net6=topo.lan_net6 or None,
+                    vip_pool6=topo.vip_pool6 or None,
                 ),
                 secrets=[conns.shared_secret()],
             )
@@ -134,9 +139,11 @@ class Lab:
                 if_id=opts.if_id,
                 no_broadcast=opts.no_broadcast,
                 set_mark_in=opts.set_mark_in,
+                lan_net6=topo.lan_net6 or None,
+                vip_pool6=topo.vip_pool6 or None,
             ),
             secrets=[conns.shared_secret()],
-            pools=conns.pool(topo.vip_pool),
+            pools=conns.pool(topo.vip_pool, topo.vip_pool6 or None),
         )
 
     def connect(self, client: str, identity: int | None = None) -> None:
@@ -153,7 +160,10 @@ class Lab:
                 except CharonError:
                     if attempt == 2 or self.topology.identities == 1:
                         raise
-        self.topology.host(client).virtual_ip = self.virtual_ip(client)
+        host = self.topology.host(client)
+        host.virtual_ip = self.virtual_ip(client)
+        if self.topology.lan_net6:
+            host.virtual_ip6 = self.virtual_ip(client, 6)
 
     def connect_all(self) -> None:
         t0 = time.monotonic()
@@ -179,11 +189,12 @@ class Lab:
         ike = conns.client_conn_name(identity)
         self.charons[client].command("terminate", {"ike": ike, "timeout": 5000})
 
-    def virtual_ip(self, client: str) -> str:
+    def virtual_ip(self, client: str, version: int = 4) -> str:
         for child in ipsec_state.child_sas(str(self.charons[client].vici_socket)):
-            if child["local-vips"]:
-                return child["local-vips"].split()[0]
-        raise RuntimeError(f"{client} has no virtual IP after connecting")
+            for vip in child["local-vips"].split():
+                if (":" in vip) == (version == 6):
+                    return vip
+        raise RuntimeError(f"{client} has no IPv{version} virtual IP after connecting")
 
     # -- inspection -------------------------------------------------------------------------
     def child_sas(self, host: str = "gw") -> list[dict[str, str]]:

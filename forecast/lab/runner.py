@@ -65,6 +65,7 @@ def guest_command(sub: str, opts: LabOptions, extra: list[str]) -> list[str]:
         *(a for name in sorted(opts.no_broadcast) for a in ("--no-broadcast", name)),
         *(a for name in sorted(opts.nat) for a in ("--nat", name)),
         *([] if opts.set_mark_in else ["--no-set-mark-in"]),
+        *(["--ipv6"] if opts.ipv6 else []),
     ]
     return argv + extra
 

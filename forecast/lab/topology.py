@@ -13,6 +13,10 @@ A client host may hold several road-warrior identities (`identities`), each its 
 with its own virtual IP: 20 hosts x 50 identities give 1,000 real SAs without 1,000 charons.
 Labs of more than 120 identities draw virtual IPs from 10.1.16.0/20 instead.
 
+Dual stack (`ipv6`): the LAN is also fd00:1::/64 (gateway ::1, LAN host ::10, its default
+route via the gateway) and each client also gets an IPv6 virtual IP from fd00:2::/112, routed
+by the gateway (no neighbour proxy needed: the LAN host sends everything to its router).
+
 Everything lives in namespaces named <prefix>-<host>; the prefix is unique per run.
 """
 
@@ -35,6 +39,10 @@ LARGE_VIP_POOL = "10.1.16.0/20"
 MAX_CLIENTS = 100
 MAX_IDENTITIES = 100  # per client host
 MAX_SAS = 4000  # what LARGE_VIP_POOL holds
+LAN_NET6 = "fd00:1::/64"
+GW_LAN_ADDR6 = "fd00:1::1"
+LAN_HOST_ADDR6 = "fd00:1::10"
+VIP_POOL6 = "fd00:2::/112"
 
 
 @dataclass
@@ -45,6 +53,8 @@ class Host:
     lan_addr: str = ""
     vici_socket: str = ""
     virtual_ip: str = ""
+    virtual_ip6: str = ""  # dual-stack labs
+    lan_addr6: str = ""
     nat_router: str = ""  # the namespace of the NAT router in front of it, if any
     nat_addr: str = ""  # the router's address on the switch: what the gateway sees
 
@@ -63,10 +73,17 @@ class Topology:
     vip_pool: str = VIP_POOL
     extra: dict[str, str] = field(default_factory=dict)
     identities: int = 1  # road-warrior identities (IKE_SAs) per client host
+    lan_net6: str = ""  # dual stack when set
+    vip_pool6: str = ""
 
     @classmethod
     def plan(
-        cls, prefix: str, clients: int, identities: int = 1, nat: frozenset[str] = frozenset()
+        cls,
+        prefix: str,
+        clients: int,
+        identities: int = 1,
+        nat: frozenset[str] = frozenset(),
+        ipv6: bool = False,
     ) -> Topology:
         if not 1 <= clients <= MAX_CLIENTS:
             raise ValueError(f"clients must be 1..{MAX_CLIENTS}, got {clients}")
@@ -89,10 +106,23 @@ class Topology:
             identities=identities,
             vip_pool=VIP_POOL if clients * identities <= 120 else LARGE_VIP_POOL,
             prefix=prefix,
-            gateway=Host("gw", f"{prefix}-gw", GW_WAN_ADDR, GW_LAN_ADDR),
-            lan_host=Host("lan", f"{prefix}-lan", lan_addr=LAN_HOST_ADDR),
+            gateway=Host(
+                "gw",
+                f"{prefix}-gw",
+                GW_WAN_ADDR,
+                GW_LAN_ADDR,
+                lan_addr6=GW_LAN_ADDR6 if ipv6 else "",
+            ),
+            lan_host=Host(
+                "lan",
+                f"{prefix}-lan",
+                lan_addr=LAN_HOST_ADDR,
+                lan_addr6=LAN_HOST_ADDR6 if ipv6 else "",
+            ),
             clients=hosts,
             switch_netns=f"{prefix}-sw",
+            lan_net6=LAN_NET6 if ipv6 else "",
+            vip_pool6=VIP_POOL6 if ipv6 else "",
         )
 
     @property
@@ -122,6 +152,17 @@ class Topology:
     def _build(self) -> None:
         for ns in self.namespaces:
             netns.create(ns)
+            # Addresses usable at once: duplicate address detection would hold a link-local
+            # source back for seconds under emulation (and a lab has no duplicates).
+            netns.run(
+                [
+                    "sysctl",
+                    "-qw",
+                    "net.ipv6.conf.all.accept_dad=0",
+                    "net.ipv6.conf.default.accept_dad=0",
+                ],
+                netns=ns,
+            )
         sw = self.switch_netns
         netns.run(["ip", "link", "add", "br0", "type", "bridge"], netns=sw)
         netns.run(["ip", "link", "set", "br0", "up"], netns=sw)
@@ -141,6 +182,17 @@ class Topology:
         self._address(lan, "eth0", f"{self.lan_host.lan_addr}/{plen}")
         netns.run(["ip", "route", "add", "default", "via", self.gateway.lan_addr], netns=lan)
         netns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], netns=gw)
+        if self.lan_net6:
+            plen6 = self.lan_net6.split("/")[1]
+            for ns, dev, addr in (
+                (gw, self.gw_lan_if, self.gateway.lan_addr6),
+                (lan, "eth0", self.lan_host.lan_addr6),
+            ):
+                netns.run(["ip", "-6", "addr", "add", f"{addr}/{plen6}", "dev", dev], netns=ns)
+            netns.run(
+                ["ip", "-6", "route", "add", "default", "via", self.gateway.lan_addr6], netns=lan
+            )
+            netns.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"], netns=gw)
         for ns in self.namespaces:
             netns.run(
                 [
@@ -224,6 +276,8 @@ class Topology:
             vip_pool=data["vip_pool"],
             extra=data.get("extra", {}),
             identities=int(data.get("identities", 1)),
+            lan_net6=data.get("lan_net6", ""),
+            vip_pool6=data.get("vip_pool6", ""),
         )
 
     @property
@@ -250,7 +304,15 @@ class Topology:
         for host in (self.gateway, self.lan_host, *self.clients):
             key = f"FORECAST_LAB_{host.name.upper()}"
             env[f"{key}_NS"] = host.netns
-            for attr in ("wan_addr", "lan_addr", "vici_socket", "virtual_ip", "nat_addr"):
+            for attr in (
+                "wan_addr",
+                "lan_addr",
+                "lan_addr6",
+                "vici_socket",
+                "virtual_ip",
+                "virtual_ip6",
+                "nat_addr",
+            ):
                 value = getattr(host, attr)
                 if value:
                     env[f"{key}_{attr.upper()}"] = value

@@ -16,7 +16,8 @@ def _all_ok(run: ScenarioRun) -> None:
 
 def test_daemon_three_clients(lab: LabRunner) -> None:
     """c3's gateway child (rw-nobcast) lacks the broadcast TS and is the only one in
-    `reinject`: broadcast skips c3, c1's multicast reaches c3 but not c2."""
+    `reinject`: broadcast skips c3, c1's multicast reaches c3 but not c2. Dual stack: every
+    multicast check is made over IPv6 too (mDNS ff02::fb), with IPv6 virtual IPs."""
     run = lab.script(
         "daemon.py",
         "--gateway-mode",
@@ -25,10 +26,11 @@ def test_daemon_three_clients(lab: LabRunner) -> None:
         "3",
         "--no-broadcast",
         "c3",
+        "--ipv6",
         script_args=("rw-nobcast",),
     )
     _all_ok(run)
-    assert len(run.results) == 16
+    assert len(run.results) == 22
     # LAN protection with real ESP: c1's OSPF reached nobody, and its SA counted both refusals.
     ospf = run.result("c1 -> 224.0.0.5 reaches [] once")["detail"]
     assert {"c2", "c3", "lan"} <= set(ospf) and all(v["received"] == 0 for v in ospf.values())
@@ -47,3 +49,22 @@ def test_daemon_three_clients(lab: LabRunner) -> None:
     assert counters["want"] == counters["got"]
     rekey = run.result("CHILD_SA rekey followed")["detail"]
     assert rekey["before"] != rekey["after"]
+    # IPv6, real ESP: the LAN's mDNS to every client, c1's to the LAN and c3 only, unicast both
+    # ways, a group outside groups6 to nobody, and the per-family totals.
+    mc6 = run.result("LAN -> ff02::fb reaches ['c1', 'c2', 'c3']")["detail"]
+    assert all(mc6[c]["received"] == COUNT for c in ("c1", "c2", "c3"))
+    c1_6 = run.result("c1 -> ff02::fb reaches ['c3', 'lan']")["detail"]
+    assert c1_6["lan"]["received"] == c1_6["c3"]["received"] == COUNT
+    assert c1_6["c2"]["received"] == 0 and c1_6["c1"]["received"] == 0
+    assert all(v["received"] == 0 for v in run.result("LAN -> ff02::1:5")["detail"].values())
+    assert run.result("unicast VIP <-> LAN over ESP (IPv6)")["ok"]
+    fam = run.result("status --json: the IPv6 copies")["detail"]
+    assert (
+        fam["grew"]["ipv6"]
+        == fam["want_ipv6"]
+        == {
+            "lan_to_sa": 3 * COUNT,
+            "sa_to_lan": COUNT,
+            "sa_to_sa": COUNT,
+        }
+    )

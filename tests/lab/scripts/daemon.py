@@ -22,6 +22,7 @@ from forecast.lab.topology import Topology
 topo = Topology.load(os.environ["FORECAST_LAB_TOPOLOGY"])
 REINJECT = sys.argv[1:]
 NOT_A_GROUP = "239.1.2.3"  # receivers join it; the daemon must not forward it
+NOT_A_GROUP6 = "ff02::1:5"  # inside every SA's IPv6 selector, not in groups6
 OSPF = "224.0.0.5"  # AllSPFRouters: no client may send it onto the LAN
 results: list[CheckResult] = []
 
@@ -92,6 +93,34 @@ try:
         )
     )
 
+    if topo.lan_net6:
+        # The same over IPv6 in a dual-stack lab: groups6 (the default, mDNS among them), IPv6
+        # virtual IPs routed and marked, IPv6 selectors; its copies in the IPv6 totals only.
+        before = daemon.status_json()["families"]
+        report(checks.unicast(topo, version=6))
+        report(checks.lan_to_clients(topo, checks.MDNS_GROUP6, names))
+        report(checks.lan_to_clients(topo, NOT_A_GROUP6, set()))
+        report(
+            checks.client_to_others(topo, first.name, checks.MDNS_GROUP6, others, expect_lan=True)
+        )
+        after = daemon.status_json()["families"]
+        grew = {
+            family: {k: after[family][k]["packets"] - before[family][k]["packets"] for k in v}
+            for family, v in after.items()
+        }
+        want6 = {
+            "lan_to_sa": count * len(names),
+            "sa_to_lan": count,
+            "sa_to_sa": count * len(others),
+        }
+        report(
+            CheckResult(
+                "status --json: the IPv6 copies in the IPv6 totals, none in the IPv4 ones",
+                grew["ipv6"] == want6 and not any(grew["ipv4"].values()),
+                {"want_ipv6": want6, "grew": grew},
+            )
+        )
+
     # LAN protection: a client speaking OSPF reaches neither the LAN nor the other clients
     # (client_groups default to `groups`), and its SA's drop counters say so.
     report(checks.client_to_others(topo, first.name, OSPF, set(), expect_lan=False))
@@ -130,20 +159,29 @@ try:
         "the IKE rekey", lambda s: daemon.by_client(s)[first.name]["ike_id"] != after["ike_id"]
     )
     report(checks.lan_to_clients(topo, checks.SSDP_GROUP, names))
+    if topo.lan_net6:
+        report(checks.lan_to_clients(topo, checks.MDNS_GROUP6, names))
 
     # Disconnect the last client: its slot, rules and route go; the others keep working.
     ipsec_state.command(last.vici_socket, "terminate", {"ike": "gw", "timeout": 5000})
     daemon.wait_state("the disconnect", lambda s: len(s["slots"]) == len(names) - 1)
     rules = [line for held in netfilter.holding() for line in held.current()]
-    leftover = [line for line in rules if last.virtual_ip in line]
-    routes = subprocess.run(
-        ["ip", "route", "show", "proto", "252"], capture_output=True, text=True, check=False
-    ).stdout
+    vips = [v for v in (last.virtual_ip, last.virtual_ip6) if v]
+    leftover = [line for line in rules if any(v in line for v in vips)]
+    routes = "".join(
+        subprocess.run(
+            ["ip", family, "route", "show", "proto", "252"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        for family in ("-4", "-6")
+    )
     report(
         CheckResult(
-            f"disconnect of {last.name} removes its rules and route",
-            not leftover and last.virtual_ip not in routes,
-            {"rules": leftover, "routes": routes.splitlines()},
+            f"disconnect of {last.name} removes its rules and routes",
+            not leftover and not any(v in routes for v in vips),
+            {"vips": vips, "rules": leftover, "routes": routes.splitlines()},
         )
     )
     report(checks.lan_to_clients(topo, checks.SSDP_GROUP, names - {last.name}))
