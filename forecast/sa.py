@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from ipaddress import AddressValueError, IPv4Address, IPv4Network, IPv6Network, ip_network
+from ipaddress import (
+    AddressValueError,
+    IPv4Address,
+    IPv4Network,
+    IPv6Address,
+    IPv6Network,
+    ip_address,
+    ip_network,
+)
 from typing import Any
 
 Network = IPv4Network | IPv6Network
@@ -137,7 +145,7 @@ class ChildSa:
     local_port: int
     remote_port: int
     remote_id: str
-    remote_vips: tuple[IPv4Address, ...]
+    remote_vips: tuple[IPv4Address | IPv6Address, ...]  # either family
     local_ts: tuple[Network, ...]  # either family
     remote_ts: tuple[Network, ...]
     # When set: rekeyed, kept until this monotonic time for its in-flight packets.
@@ -174,9 +182,9 @@ def parse_child(ike_name: str, ike: Mapping[Any, Any], child: Mapping[Any, Any])
     vips = []
     for v in _get(ike, "remote-vips") or []:
         try:
-            vips.append(IPv4Address(_s(v)))
-        except AddressValueError:
-            continue
+            vips.append(ip_address(_s(v)))
+        except ValueError:
+            continue  # not an address: shown as nothing rather than refusing the SA
     return ChildSa(
         ike_name=ike_name,
         ike_id=_int(ike, "uniqueid", f"IKE_SA {ike_name}"),

@@ -65,10 +65,15 @@ def charon_plugins(*, gateway: bool, mode: GatewayMode, libipsec: bool) -> list[
     return [*BASE_PLUGINS, *kernel, "socket-default", "vici", *extra]
 
 
-def local_side6(lan_net6: str | None, vip_pool6: str | None) -> list[str]:
-    """The gateway's side of a dual-stack child, IPv6 part (none without an IPv6 LAN)."""
+def local_side6(lan_net6: str | None, vip_pool6: str | None, libipsec: bool = False) -> list[str]:
+    """The gateway's side of a dual-stack child, IPv6 part (none without an IPv6 LAN).
+    libipsec: only the LAN and multicast; it routes every other selector through its TUN
+    device from a gateway address inside it, and the gateway has none in the pool or, usable
+    as a source, in fe80::/10 (the kernel tier checks rules and routes, not forwarding)."""
     if not lan_net6:
         return []
+    if libipsec:
+        return [lan_net6, MULTICAST6]
     return [lan_net6, *([vip_pool6] if vip_pool6 else []), LINK_LOCAL6, MULTICAST6]
 
 
@@ -97,12 +102,13 @@ def gateway_conn(
     set_mark_in: bool = True,
     lan_net6: str | None = None,
     vip_pool6: str | None = None,
+    libipsec: bool = False,
 ) -> dict[str, Any]:
     """The gateway's connections: `rw` for everyone, plus one per client in `no_broadcast`
     whose child lacks the broadcast TS. A client proposes 0.0.0.0/0 for `dynamic` before it
     knows its virtual IP, so only the gateway can narrow the broadcast away."""
 
-    v6_local = local_side6(lan_net6, vip_pool6)
+    v6_local = local_side6(lan_net6, vip_pool6, libipsec)
     v6_remote = [MULTICAST6_LINK] if lan_net6 else []
 
     def child(remote_ts: list[str]) -> dict[str, Any]:
@@ -153,6 +159,7 @@ def client_conn(
     identities: int = 1,
     lan_net6: str | None = None,
     vip_pool6: str | None = None,
+    libipsec: bool = False,
 ) -> dict[str, Any]:
     """A road warrior. The client narrows the gateway's reply against its own local_ts, so the
     broadcast must be named here or its inbound policy drops the decrypted broadcast. None:
@@ -169,7 +176,7 @@ def client_conn(
         *([lan_broadcast] if lan_broadcast else []),
         *([MULTICAST6_LINK] if lan_net6 else []),
     ]
-    remote_ts = [lan_net, "224.0.0.0/4", *local_side6(lan_net6, vip_pool6)]
+    remote_ts = [lan_net, "224.0.0.0/4", *local_side6(lan_net6, vip_pool6, libipsec)]
     out = {}
     for k in identity_numbers(identities):
         child: dict[str, Any] = {

@@ -116,6 +116,7 @@ class Lab:
                     identities=topo.identities,
                     lan_net6=topo.lan_net6 or None,
                     vip_pool6=topo.vip_pool6 or None,
+                    libipsec=opts.libipsec,
                 ),
                 secrets=[conns.shared_secret()],
             )
@@ -141,6 +142,7 @@ class Lab:
                 set_mark_in=opts.set_mark_in,
                 lan_net6=topo.lan_net6 or None,
                 vip_pool6=topo.vip_pool6 or None,
+                libipsec=opts.libipsec,
             ),
             secrets=[conns.shared_secret()],
             pools=conns.pool(topo.vip_pool, topo.vip_pool6 or None),

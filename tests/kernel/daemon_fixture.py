@@ -83,13 +83,20 @@ class Running:
         )
 
     def rules(self) -> list[str]:
-        """Our MARK rules in either back end (the lines each prints)."""
-        out = netns.run(["iptables-save", "-t", "mangle"], netns=self.gw).stdout
-        legacy = [line for line in out.splitlines() if "FORECAST" in line]
+        """Our MARK rules in either back end (the lines each prints), both families."""
+        legacy = [
+            line
+            for tool in ("iptables-save", "ip6tables-save")
+            for line in netns.run([tool, "-t", "mangle"], netns=self.gw).stdout.splitlines()
+            if "FORECAST" in line
+        ]
         return legacy + rules_nft.NftRules(self.gw).current()
 
     def routes(self) -> str:
-        return netns.run(["ip", "route", "show", "proto", "252"], netns=self.gw).stdout
+        return "".join(
+            netns.run(["ip", family, "route", "show", "proto", "252"], netns=self.gw).stdout
+            for family in ("-4", "-6")
+        )
 
 
 def start_running(
@@ -98,9 +105,11 @@ def start_running(
     extra_config: str = "",
     env: dict[str, str] | None = None,
     charon_down: bool = False,
+    ipv6: bool = False,
 ) -> Iterator[Running]:
     """A lab (2 clients, not connected) and the daemon on its gateway. charon_down: the
-    gateway's charon is stopped before the daemon starts (and not waited for)."""
+    gateway's charon is stopped before the daemon starts (and not waited for). ipv6: a
+    dual-stack lab (IPv6 virtual IPs and selectors too)."""
     bpffs = tmp_path / "bpffs"
     bpffs.mkdir()
     # Mounted before the daemon starts, so its `ip netns exec` mount namespace shares it
@@ -113,6 +122,7 @@ def start_running(
         if_id=IF_ID,
         connect=False,
         prefix=f"{run_prefix}p",
+        ipv6=ipv6,
     )
     lab = Lab(opts)
     proc = None

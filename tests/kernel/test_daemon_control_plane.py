@@ -51,6 +51,7 @@ SPELLING = {
         "PREROUTING": "-A FORECAST-PRE ",
         "OUTPUT": "-A FORECAST-OUT ",
         "dst": "-d {}/32 ",
+        "dst6": "-d {}/128 ",
         "src": "-s {}/32 ",
         "natt": "--sport 4500 --dport 4500",
         "mark": "--set-xmark {:#x}/0xffffffff",
@@ -59,6 +60,7 @@ SPELLING = {
         "PREROUTING": "prerouting ",
         "OUTPUT": "output ",
         "dst": "ip daddr {} ",
+        "dst6": "ip6 daddr {} ",
         "src": "ip saddr {} ",
         "natt": "udp sport 4500 udp dport 4500",
         "mark": "meta mark set {:#010x}",
@@ -85,12 +87,13 @@ def running_on(
     request: pytest.FixtureRequest, run_prefix: str, tmp_path: Path
 ) -> Iterator[tuple[Running, str]]:
     backend = str(request.param)
-    for r in start_running(run_prefix, tmp_path, extra_config=f"netfilter: {backend}\n"):
+    for r in start_running(run_prefix, tmp_path, extra_config=f"netfilter: {backend}\n", ipv6=True):
         yield r, backend
 
 
 def test_connect_rekey_disconnect_stop(running_on: tuple[Running, str]) -> None:
-    """The same scenario with either netfilter back end."""
+    """The same scenario with either netfilter back end; dual-stack clients, so the IPv6
+    virtual IPs' routes and rules and the IPv6 selectors go the same way as the IPv4 ones."""
     running, backend = running_on
     words = SPELLING[backend]
     lab = running.lab
@@ -118,6 +121,8 @@ def test_connect_rekey_disconnect_stop(running_on: tuple[Running, str]) -> None:
     maddr = netns.run(["ip", "maddr", "show", "dev", "eth1"], netns=running.gw).stdout
     for group in ("224.0.0.251", "224.0.0.252", "239.255.255.250"):
         assert f"inet  {group}" in maddr, maddr
+    for group6 in ("ff02::fb", "ff02::1:3", "ff02::c"):  # groups6: MLD
+        assert f"inet6 {group6}" in maddr, maddr
 
     # -- connect: slot, rules, route -------------------------------------------------------
     lab.connect_all()
@@ -125,9 +130,9 @@ def test_connect_rekey_disconnect_stop(running_on: tuple[Running, str]) -> None:
     c1, c2 = (lab.topology.host(n) for n in ("c1", "c2"))
     s1 = _slot_of(state, "c1@forecast.lab")
     s2 = _slot_of(state, "c2@forecast.lab")
-    assert s1["virtual_ips"] == [c1.virtual_ip] and s1["reinject"]
+    assert s1["virtual_ips"] == [c1.virtual_ip, c1.virtual_ip6] and s1["reinject"]
     assert s1["mark_in"] != s2["mark_in"] and s1["slot"] != s2["slot"]
-    assert "224.0.0.0/4" in s1["selectors"]
+    assert "224.0.0.0/4" in s1["selectors"] and "ff02::/16" in s1["selectors"]
     rules = running.rules()
     for host, s in ((c1, s1), (c2, s2)):
         mark, vip = words["mark"].format(s["mark_in"]), words["dst"].format(host.virtual_ip)
@@ -137,7 +142,11 @@ def test_connect_rekey_disconnect_stop(running_on: tuple[Running, str]) -> None:
         peer = words["src"].format(host.wan_addr)
         assert _has_rule(rules, backend, "PREROUTING", peer, words["natt"], mark), rules
         assert re.search(rf"^{re.escape(host.virtual_ip)} dev xfs0 ", running.routes(), re.M)
-    assert len(_rule_lines(rules)) == 6  # nothing in the other back end
+        vip6 = words["dst6"].format(host.virtual_ip6)
+        assert _has_rule(rules, backend, "PREROUTING", vip6, mark), rules
+        assert _has_rule(rules, backend, "OUTPUT", vip6, mark), rules
+        assert re.search(rf"^{re.escape(host.virtual_ip6)} dev xfs0 ", running.routes(), re.M)
+    assert len(_rule_lines(rules)) == 10  # nothing in the other back end
 
     # -- status reads the live maps --------------------------------------------------------
     out = forecast_cli("status", running.cfg_path, "--json")
@@ -165,9 +174,10 @@ def test_connect_rekey_disconnect_stop(running_on: tuple[Running, str]) -> None:
     # -- disconnect c2: its slot, rules and route go ---------------------------------------
     lab.disconnect("c2")
     running.wait("c2 gone", lambda s: len(s["slots"]) == 1)
-    assert not any(c2.virtual_ip in r for r in running.rules())
-    assert c2.virtual_ip not in running.routes()
-    assert c1.virtual_ip in running.routes()
+    for vip in (c2.virtual_ip, c2.virtual_ip6):
+        assert not any(vip in r for r in running.rules())
+        assert vip not in running.routes()
+    assert c1.virtual_ip in running.routes() and c1.virtual_ip6 in running.routes()
 
     # -- charon restarts: the daemon reconnects and takes a fresh snapshot -----------------
     gw_charon = lab.charons["gw"]
@@ -201,11 +211,11 @@ def test_connect_rekey_disconnect_stop(running_on: tuple[Running, str]) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         now = _rule_lines(running.rules())
-        if len(now) == 3 and {_backend_of(r) for r in now} == {other}:
+        if len(now) == 5 and {_backend_of(r) for r in now} == {other}:
             break
         time.sleep(0.2)
     switched = _rule_lines(running.rules())
-    assert len(switched) == len(before) == 3, (before, switched)
+    assert len(switched) == len(before) == 5, (before, switched)
     assert not set(switched) & set(before)
     assert f"removed the MARK rules left in {backend}" in running.log.read_text()
     backend, words = other, SPELLING[other]

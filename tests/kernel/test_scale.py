@@ -223,10 +223,14 @@ def test_status_of_4096_sas_fits_sorts_and_filters(scale_gw: ScaleGateway, tmp_p
     table, seconds = status()
     lines = table.stdout.splitlines()
     assert all(len(line) <= 100 for line in lines)
-    assert len(lines) == 1 + n + 1 + 2  # header, every SA, totals, drops and daemon lines
-    assert lines[-3].split()[:3] == ["total", "4096", "8.2K/262KB"], lines[
-        -3
+    # header, every SA, totals, drops, copies by family and daemon lines
+    assert len(lines) == 1 + n + 1 + 3
+    assert lines[-4].split()[:3] == ["total", "4096", "8.2K/262KB"], lines[
+        -4
     ]  # 2 x 4,096 copies of 32 bytes
+    assert lines[-2].startswith(
+        "copies by family: IPv4 LAN>SA 8.2K SA>LAN 0 SA>SA 0 | IPv6 LAN>SA 0"
+    )
     doc, json_seconds = status("--json")
     sas = json.loads(doc.stdout)["sas"]
     assert len(sas) == n and all(sa["counters"]["lan_to_sa"]["packets"] == 2 for sa in sas)
@@ -236,5 +240,5 @@ def test_status_of_4096_sas_fits_sorts_and_filters(scale_gw: ScaleGateway, tmp_p
     assert picked["selection"]["of"] == n
     top, _ = status("--top", "5", "--sort", "id", columns=60)
     rows = top.stdout.splitlines()
-    assert all(len(line) <= 60 for line in rows) and len(rows) == 1 + 5 + 1 + 1 + 2
+    assert all(len(line) <= 60 for line in rows) and len(rows) == 1 + 5 + 1 + 1 + 3
     print(f"\nstatus of {n} SAs: table {seconds:.2f} s, --json {json_seconds:.2f} s (wall)")

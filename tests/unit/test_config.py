@@ -45,6 +45,12 @@ def test_full_file(tmp_path: Path) -> None:
         ("groups: [239.1.1.1, 239.1.1.1]\n", "groups: 239.1.1.1 is listed twice"),
         ("groups: [nonsense]\n", "groups: 'nonsense' is not an IPv4 address"),
         ("groups: []\n", "groups: expected a list"),
+        ("groups: [ff02::fb]\n", "groups: ff02::fb is not an IPv4 address"),
+        ("groups6: [224.0.0.251]\n", "groups6: 224.0.0.251 is not an IPv6 address"),
+        ("groups6: [fe80::1]\n", "groups6: fe80::1 is not a multicast address (ff00::/8)"),
+        ("groups6: [ff02::fb, ff02::fb]\n", "groups6: ff02::fb is listed twice"),
+        ("groups6: ff02::fb\n", None),
+        ("client_groups: {to_lan: [ff02::fb, 10.0.0.5]}\n", "10.0.0.5 is not a multicast"),
         ("xfrm: {if_id: 0}\n", "xfrm.if_id: must be 1..4294967295"),
         ("xfrm: {if_id: yes}\n", "xfrm.if_id: expected a number"),
         ("xfrm: {mtu: 1400}\n", "xfrm: unknown key 'mtu'"),
@@ -68,9 +74,12 @@ def test_full_file(tmp_path: Path) -> None:
         ("storm_guard: {lan: {rate: 1, bucket: 2}}\n", "storm_guard.lan (or 0/off): unknown key"),
     ],
 )
-def test_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+def test_errors_name_the_key(tmp_path: Path, text: str, message: str | None) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
+    if message is None:  # a comma-separated string is a list, as for `groups`
+        assert config.load(path).groups6 == (IPv6Address("ff02::fb"),)
+        return
     with pytest.raises(ConfigError) as exc:
         config.load(path)
     assert message in str(exc.value)
@@ -82,6 +91,23 @@ def test_too_many_groups() -> None:
     groups = [f"239.0.0.{i}" for i in range(1, 18)]
     with pytest.raises(ConfigError, match="17 IPv4 groups, at most 16"):
         config.parse({"groups": groups})
+    with pytest.raises(ConfigError, match="17 IPv6 groups, at most 16"):
+        config.parse({"groups6": [f"ff02::{i:x}" for i in range(1, 18)]})
+    # 16 of each family fit: the data path holds them apart
+    both = config.parse({"groups": groups[:16], "groups6": [f"ff02::{i:x}" for i in range(1, 17)]})
+    assert len(both.groups) == len(both.groups6) == 16
+
+
+def test_ipv6_groups_default_to_discovery_and_can_be_turned_off() -> None:
+    cfg = config.parse({})
+    assert [str(g) for g in cfg.groups6] == ["ff02::fb", "ff02::1:3", "ff02::c"]
+    assert "ff02::1" not in map(str, cfg.groups6)  # all-nodes carries router advertisements
+    off = config.parse({"groups6": []})
+    assert off.groups6 == ()
+    assert config.lan_groups(off) == off.groups
+    mixed = config.parse({"client_groups": {"to_lan": ["ff02::fb", "239.255.255.250"]}})
+    assert mixed.client_groups is not None
+    assert mixed.client_groups.to_lan == (IPv6Address("ff02::fb"), IPv4Address("239.255.255.250"))
 
 
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 
 from forecast import config, desired, layout, rules_iptables, rules_nft
@@ -129,6 +129,41 @@ def test_zero_prefix_and_multicast_selectors_never_get_unicast_rules(fixtures_di
     assert d.routes == []
     (slot,) = d.slots.values()
     assert IPv4Network("0.0.0.0/0") in slot.entry.selectors
+
+
+def test_a_dual_stack_child_gets_ipv6_routes_rules_and_selectors(fixtures_dir: Path) -> None:
+    child = _children(fixtures_dir, "002")[0]
+    vip6, ll6 = IPv6Network("fd00:2::1/128"), IPv6Network("ff02::/16")
+    child = replace(child, remote_ts=(*child.remote_ts, vip6, ll6, IPv6Network("::/0")))
+    d = desired.compute([child], CFG, BCAST, {})
+    assert vip6 in d.routes and ll6 not in d.routes  # multicast and ::/0 are never routed
+    v6_rules = [r for r in d.rules if r.match.dst == vip6]
+    assert sorted(r.chain for r in v6_rules) == ["OUTPUT", "PREROUTING"]
+    assert all(r.mark == child.mark_out for r in v6_rules)
+    assert not [r for r in d.rules if r.match.dst in (ll6, IPv6Network("::/0"))]
+    (slot,) = d.slots.values()
+    # both families' multicast selectors go to the data path; ::/0 holds ff00::/8 too
+    assert ll6 in slot.entry.selectors and IPv6Network("::/0") in slot.entry.selectors
+    assert vip6 not in slot.entry.selectors
+    # each back end spells the IPv6 rule in its own IPv6 syntax and table
+    (pre6,) = [r for r in v6_rules if r.chain == "PREROUTING"]
+    assert rules_iptables.family_of(pre6) == 6
+    assert rules_iptables.render_match(pre6.match) == "-d fd00:2::1/128"
+    (match,) = rules_nft.render_match(pre6.match)
+    assert match["match"]["left"]["payload"] == {"protocol": "ip6", "field": "daddr"}
+    assert match["match"]["right"] == "fd00:2::1"
+
+
+def test_more_than_four_selectors_of_one_family_are_cut_with_a_warning(fixtures_dir: Path) -> None:
+    child = _children(fixtures_dir, "002")[0]
+    many6 = tuple(IPv6Network(f"ff0{i}::/16") for i in range(1, 7))
+    child = replace(child, remote_ts=(*child.remote_ts, *many6))
+    d = desired.compute([child], CFG, BCAST, {})
+    (slot,) = d.slots.values()
+    assert [ts for ts in slot.entry.selectors if ts.version == 6] == list(many6[:4])
+    assert any("6 IPv6 multicast/broadcast selectors" in w for w in d.warnings)
+    # the IPv4 ones are untouched by the IPv6 cut
+    assert [ts for ts in slot.entry.selectors if ts.version == 4]
 
 
 def test_render_is_one_transaction_of_our_chains(fixtures_dir: Path) -> None:

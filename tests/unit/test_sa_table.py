@@ -111,6 +111,7 @@ def test_snapshot_replaces_the_table(fixtures_dir: Path) -> None:
         (lambda c: c.pop("spi-in"), "CHILD_SA rw/rw: missing 'spi-in'"),
         (lambda c: c.__setitem__("mark-in", b"zz"), "'mark-in' is not hexadecimal"),
         (lambda c: c.__setitem__("remote-ts", [b"10.1.0.300/32"]), "not an IP prefix"),
+        (lambda c: c.__setitem__("remote-ts", [b"ff02::/16", b"fd00::g/128"]), "'fd00::g/128'"),
         (lambda c: c.__setitem__("uniqueid", b"two"), "'uniqueid' is not a number"),
     ],
 )
@@ -122,3 +123,17 @@ def test_malformed_payloads_are_named(fixtures_dir: Path, mutate: object, messag
     with pytest.raises(PayloadError, match=message):
         table.apply(event, payload, 0.0)
     assert len(table) == 0  # nothing half-applied
+
+
+def test_ipv6_selectors_are_kept_beside_the_ipv4_ones(fixtures_dir: Path) -> None:
+    """A dual-stack client's child: charon lists both families in one TS list."""
+    _name, event, payload = load_events(fixtures_dir / "gw")[1]
+    child = next(iter(payload["rw"]["child-sas"].values()))
+    child["remote-ts"] = [*child["remote-ts"], b"fd00:2::1/128", b"ff02::/16"]
+    child["local-ts"] = [*child["local-ts"], b"fe80::/10"]
+    table = SaTable()
+    (change,) = table.apply(event, payload, 0.0)
+    remote = [str(ts) for ts in change.child.remote_ts]
+    assert remote[-2:] == ["fd00:2::1/128", "ff02::/16"]
+    assert any(ts.version == 4 for ts in change.child.remote_ts)
+    assert str(change.child.local_ts[-1]) == "fe80::/10"
