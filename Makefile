@@ -47,7 +47,7 @@ deb: venv
 	$(PY) scripts/build_deb.py build $(DEB_VERSION)
 
 demo: setup
-	$(VENV)/bin/forecast-bpf lab demo --clients $(CLIENTS) --kernel $(KERNEL)
+	$(VENV)/bin/forecast-bpf lab demo --ipv6 --clients $(CLIENTS) --kernel $(KERNEL)
 
 # forecast-bpf against strongSwan's forecast plugin in the lab, one VM boot, about 11 minutes:
 # build/bench/report.md with plots (BENCHMARKS.md explains the method and shows a full run).

@@ -16,11 +16,14 @@ COUNT = 20  # checks.DEFAULT_COUNT packets per sender
 
 
 def test_demo(lab: LabRunner) -> None:
-    """What `make demo` runs: forecast-bpf's daemon forwarding, its status, a clean stop."""
-    run = lab.lab("demo", "--clients", "2")
+    """What `make demo` runs: forecast-bpf's daemon forwarding over both families, its
+    status, a clean stop."""
+    run = lab.lab("demo", "--ipv6", "--clients", "2")
     assert run.rc == 0, run.output
     assert re.search(r"tunnels up in [\d.]+ s: c1=10\.1\.0\.\d+, c2=10\.1\.0\.\d+", run.output)
-    assert "4 passed, 0 failed" in run.output
+    assert "7 passed, 0 failed" in run.output
+    assert "PASS  LAN -> ff02::fb reaches ['c1', 'c2'] once" in run.output
+    assert re.search(r"copies by family: IPv4 LAN>SA \d+ .* \| IPv6 LAN>SA [1-9]", run.output)
     assert "$ forecast-bpf status" in run.output and "c2@forecast.lab" in run.output
     assert "daemon stopped: no rule, route, filter, interface or pin left behind" in run.output
 
