@@ -166,8 +166,11 @@ int fc_lan_ingress(struct __sk_buff *skb)
 	if (skb->protocol != bpf_htons(ETH_P_IP) && skb->protocol != bpf_htons(FC_ETH_P_IPV6))
 		return TC_ACT_OK;
 	/* A tagged frame belongs to another VLAN's interface; a frame for another host's MAC is
-	 * one the gateway itself would not receive (promiscuous mode, a bridge port). */
-	if (skb->vlan_present || skb->pkt_type == FC_PACKET_OTHERHOST)
+	 * one the gateway itself would not receive (promiscuous mode, a bridge port); a looped-back
+	 * frame is the gateway's own multicast (its MLD and IGMP reports among them), handed back
+	 * to it without a MAC header: not the LAN's traffic. */
+	if (skb->vlan_present || skb->pkt_type == FC_PACKET_OTHERHOST ||
+	    skb->pkt_type == FC_PACKET_LOOPBACK)
 		return TC_ACT_OK;
 	if (skb->protocol == bpf_htons(FC_ETH_P_IPV6))
 		return fc_lan_ingress6(skb, cfg, *gen);

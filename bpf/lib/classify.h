@@ -11,6 +11,7 @@
 /* <uapi/linux/in.h> drags kernel headers in under bcc; one number is all that is needed. */
 #define FC_IPPROTO_UDP 17
 #define FC_PACKET_OTHERHOST 3 /* <linux/if_packet.h>: a frame for another host's MAC */
+#define FC_PACKET_LOOPBACK 5  /* the gateway's own multicast/broadcast, looped back to it */
 #define FC_IP_OFFSET 0x1fff   /* fragment offset bits of frag_off, host order */
 #define FC_MCAST_NET 0xe0000000U  /* 224.0.0.0/4, host order */
 #define FC_MCAST_MASK 0xf0000000U

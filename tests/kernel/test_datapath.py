@@ -8,7 +8,7 @@ from ipaddress import IPv4Network
 
 from forecast import tc
 from forecast.datapath import SaEntry
-from forecast.lab import traffic
+from forecast.lab import netns, traffic
 from forecast.layout import Direction, DropReason, Family
 from tests.kernel.veth_gateway import (
     BCAST,
@@ -163,3 +163,31 @@ def test_ipv4_copies_count_in_the_ipv4_totals(gateway: Gateway) -> None:
     assert families[Family.IPV4][Direction.LAN_TO_SA].packets == 15
     assert families[Family.IPV4][Direction.LAN_TO_SA].bytes == 15 * (20 + 8 + len("mc 0") + PAD)
     assert families[Family.IPV6][Direction.LAN_TO_SA].packets == 0
+
+
+def test_the_gateways_own_multicast_looped_back_is_left_alone(gateway: Gateway) -> None:
+    """The daemon joins the groups on the LAN interface, so whatever the gateway itself sends
+    to them (its MLD reports, an announcer of its own) the kernel hands back to it at LAN
+    ingress, without a MAC header. Not the LAN's traffic: no copy, and no `malformed` count (the
+    lab counted two at every start, the two MLD reports of the daemon's own joins)."""
+    add_sas(gateway)
+    script = (
+        "import socket, struct\n"
+        "i = socket.if_nametoindex('lan0')\n"
+        "s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "s4.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, struct.pack('4s4si', "
+        f"socket.inet_aton('{GROUP}'), socket.inet_aton('0.0.0.0'), i))\n"
+        "s4.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, struct.pack('4s4si', "
+        "socket.inet_aton('0.0.0.0'), socket.inet_aton('10.9.0.1'), i))\n"
+        "s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+        "s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, struct.pack('16si', "
+        f"socket.inet_pton(socket.AF_INET6, '{GROUP6}'), i))\n"
+        "s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, i)\n"
+        "for n in range(5):\n"
+        f"    s4.sendto(b'own4', ('{GROUP}', {PORT}))\n"
+        f"    s6.sendto(b'own6', ('{GROUP6}', {PORT}, 0, i))\n"
+    )
+    netns.run(["python3", "-c", script], netns=gateway.gw)
+    time.sleep(0.5)
+    assert total_copies(gateway) == 0
+    assert all(v == 0 for v in gateway.datapath.drops().values()), gateway.datapath.drops()
