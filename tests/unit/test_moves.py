@@ -1,5 +1,5 @@
 """A client that moves (MOBIKE, a new NAT mapping): charon's ike-update, recorded from charon
-5.9.8 by scripts/record_moves.py, moves the children's endpoints, and the inbound MARK rule
+5.9.8 by scripts/record_vici.py moves, moves the children's endpoints, and the inbound MARK rule
 with them."""
 
 from __future__ import annotations
