@@ -135,6 +135,17 @@ def test_prometheus_scrapes_and_every_panel_returns_data(
         exposition,
         re.M,
     ), exposition
+    # The same copies by address family: all of them IPv4 here.
+    assert re.search(
+        r'^forecast_family_packets_total\{direction="lan_to_sa",family="ipv4"\} 60\.0$',
+        exposition,
+        re.M,
+    ), exposition
+    assert re.search(
+        r'^forecast_family_packets_total\{direction="lan_to_sa",family="ipv6"\} 0\.0$',
+        exposition,
+        re.M,
+    ), exposition
     assert re.search(
         r'^forecast_build_info\{kernel=".+",netfilter="(nftables|iptables)",'
         r'version="0\.1\.0"\} 1\.0$',

@@ -142,3 +142,28 @@ def test_footer_says_where_the_mark_rules_are() -> None:
         "daemon pid 7, VICI connected, sync errors 0, "
         "MARK rules in nftables, table inet forecast_bpf"
     ) in out.splitlines()
+
+
+def test_footer_gives_the_copies_by_family() -> None:
+    def counts(lan: int, up: int, other: int) -> dict[str, dict[str, int]]:
+        return {
+            "lan_to_sa": {"packets": lan, "bytes": 0},
+            "sa_to_lan": {"packets": up, "bytes": 0},
+            "sa_to_sa": {"packets": other, "bytes": 0},
+        }
+
+    doc = {
+        "daemon": {"running": True, "pid": 7, "vici_connected": True, "sync_errors": 0},
+        "sas": [_sa(0)],
+        "totals": counts(0, 0, 0),
+        "families": {"ipv4": counts(1200, 3, 0), "ipv6": counts(40, 20, 20)},
+        "drops": {},
+        "ignored": {},
+    }
+    out = status.render_table(status.Snapshot(doc), view=status.View(width=200)).splitlines()
+    assert (
+        "copies by family: IPv4 LAN>SA 1.2K SA>LAN 3 SA>SA 0 | IPv6 LAN>SA 40 SA>LAN 20 SA>SA 20"
+    ) in out
+    del doc["families"]  # a document without it (made by an older daemon's state): no line
+    out = status.render_table(status.Snapshot(doc), view=status.View(width=200)).splitlines()
+    assert not any(line.startswith("copies by family") for line in out)
