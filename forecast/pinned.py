@@ -264,7 +264,11 @@ class PinnedCounters:
     read."""
 
     def __init__(
-        self, counters: PinnedMap, drops: PinnedMap, sa_drops: PinnedMap, families: PinnedMap
+        self,
+        counters: PinnedMap,
+        drops: PinnedMap,
+        sa_drops: PinnedMap,
+        families: PinnedMap | None,
     ) -> None:
         self.counters, self.drops, self.sa_drops = counters, drops, sa_drops
         self.families = families
@@ -274,13 +278,17 @@ class PinnedCounters:
     def open(cls, maps_dir: Path) -> PinnedCounters:
         opened: list[PinnedMap] = []
         try:
-            for name in ("counters", "drops", "sa_drops", "families"):
+            for name in ("counters", "drops", "sa_drops"):
                 opened.append(PinnedMap(maps_dir / name))
         except PinnedError:
             for m in opened:
                 m.close()
             raise
-        return cls(*opened)
+        # The maps of a daemon from before the per-family totals (`status` of a new package
+        # while the old daemon still runs, in an upgrade) have none: no totals, not an error.
+        families = PinnedMap(maps_dir / "families") if (maps_dir / "families").exists() else None
+        counters, drops, sa_drops = opened
+        return cls(counters, drops, sa_drops, families)
 
     def slot(self, slot: int) -> dict[Direction, tuple[int, int]]:
         out = {}
@@ -343,7 +351,10 @@ class PinnedCounters:
         return out
 
     def family_counts(self) -> dict[Family, dict[Direction, tuple[int, int]]]:
-        """Copies (packets, bytes) per address family and direction, over all SAs."""
+        """Copies (packets, bytes) per address family and direction, over all SAs; empty for
+        maps made before there were such totals."""
+        if self.families is None:
+            return {}
         per_cpu = layout.FcCounter * self.ncpu
         everything = self.families.dump(layout.FC_FAMILIES * layout.FC_DIRS, per_cpu)
         out: dict[Family, dict[Direction, tuple[int, int]]] = {}
@@ -358,4 +369,5 @@ class PinnedCounters:
         self.counters.close()
         self.drops.close()
         self.sa_drops.close()
-        self.families.close()
+        if self.families is not None:
+            self.families.close()
