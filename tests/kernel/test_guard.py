@@ -17,6 +17,7 @@ from forecast.layout import Direction, DropReason, SaDropReason
 from forecast.pinned import possible_cpus
 from tests.kernel.veth_gateway import (
     GROUP,
+    GROUP6,
     PAD,
     PORT,
     Gateway,
@@ -26,6 +27,7 @@ from tests.kernel.veth_gateway import (
 
 OSPF = "224.0.0.5"
 VRRP = "224.0.0.18"
+OSPF6 = "ff02::5"  # AllSPFRouters, OSPFv3
 
 
 def _allowed(limit: RateLimit, seconds: float) -> int:
@@ -156,6 +158,33 @@ def test_clients_reach_only_the_configured_groups_by_default(
     totals = gateway.datapath.drops()
     assert totals[DropReason.GROUP_TO_LAN] == totals[DropReason.GROUP_TO_SAS] == 12
     figures("client to OSPF/VRRP groups: 0 of 12 copied to the LAN, 0 of 12 to clients")
+
+
+def test_ipv6_clients_reach_only_the_configured_groups_too(gateway: Gateway) -> None:
+    """The same filter for IPv6: mDNS (in the groups) passes, OSPFv3's ff02::5 does not, and
+    the refusals are counted per SA as for IPv4; the storm guard takes IPv6 packets from the
+    same bucket."""
+    groups = gateway.config.groups
+    gateway.configure(
+        client_groups_to_lan=groups, client_groups_to_sas=groups, sa_rate=RateLimit(1, 8)
+    )
+    add_sas(gateway)
+    lan_rx = traffic.Receiver(gateway.lan, PORT, [GROUP6, OSPF6])
+    for tag, dst in (("ok6", GROUP6), ("ospf6", OSPF6)):
+        traffic.send(gateway.gw, dst, PORT, tag, 4, iface="xfpeer", src="fd08::2", mark=0x11)
+    time.sleep(0.3)
+    got = lan_rx.stop()
+    assert got.exactly_once("ok6", 4) and got.total("ospf6") == 0
+    assert fcrules(gateway, (6,)) == {0x11: 0, 0x12: 4, 0x13: 0, 0: 0}
+    dropped = gateway.datapath.sa_drops([0])[0]
+    assert dropped[SaDropReason.GROUP_TO_LAN] == dropped[SaDropReason.GROUP_TO_SAS] == 4
+    # A burst of 8: the 4 mDNS packets took 4 tokens (the filtered ones none); of 20 more, 4
+    # pass, and one more per second the sends took (each sender is a process start)
+    traffic.send(gateway.gw, GROUP6, PORT, "more6", 20, iface="xfpeer", src="fd08::2", mark=0x11)
+    time.sleep(0.3)
+    storm = gateway.datapath.sa_drops([0])[0][SaDropReason.STORM]
+    admitted = fcrules(gateway, (6,))[0x12]
+    assert admitted + storm == 4 + 20 and storm >= 10, (admitted, storm)
 
 
 def test_each_direction_can_be_widened_on_its_own(gateway: Gateway) -> None:
