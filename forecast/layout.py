@@ -128,6 +128,17 @@ class FcCounter(ctypes.Structure):
     _fields_ = (("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64))
 
 
+# What the numbers are called wherever a person or a program reads them: status (JSON keys),
+# metrics (label values), logs.
+DIRECTION_NAMES = {d: d.name.lower() for d in Direction}  # lan_to_sa, sa_to_lan, sa_to_sa
+DIRECTION_TITLES = {
+    Direction.LAN_TO_SA: "LAN>SA",
+    Direction.SA_TO_LAN: "SA>LAN",
+    Direction.SA_TO_SA: "SA>SA",
+}
+FAMILY_NAMES = {f: f.name.lower() for f in Family}  # ipv4, ipv6
+
+
 def be32(address: str) -> int:
     """An IPv4 address as the u32 the kernel stores (network byte order in memory)."""
     return int(struct.unpack("=I", socket.inet_aton(address))[0])

@@ -31,17 +31,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from forecast import __version__, layout
-from forecast.layout import Direction, DropReason, Family
+from forecast.layout import DIRECTION_NAMES, FAMILY_NAMES, DropReason
 
 if TYPE_CHECKING:
     from forecast.daemon import Daemon
 
-DIRECTIONS = {
-    Direction.LAN_TO_SA: "lan_to_sa",
-    Direction.SA_TO_LAN: "sa_to_lan",
-    Direction.SA_TO_SA: "sa_to_sa",
-}
-FAMILIES = {Family.IPV4: "ipv4", Family.IPV6: "ipv6"}
 SA_LABELS = ["connection", "child", "unique_id"]
 
 
@@ -126,7 +120,7 @@ class ForecastCollector(Collector):
                         sa_drops.add_metric([*labels, sa_reason.name.lower()], n)
                     key = (child.ike_name, sa_reason.name.lower())
                     drop_sums[key] = drop_sums.get(key, 0) + n
-                for direction, name in DIRECTIONS.items():
+                for direction, name in DIRECTION_NAMES.items():
                     t = counters[slot].by_direction[direction]
                     if per_sa:
                         packets.add_metric([*labels, name], t.packets)
@@ -160,9 +154,10 @@ class ForecastCollector(Collector):
         )
         if d.datapath is not None:
             for family, by_dir in d.datapath.family_counters().items():
-                for direction, name in DIRECTIONS.items():
-                    fam_packets.add_metric([FAMILIES[family], name], by_dir[direction].packets)
-                    fam_bytes.add_metric([FAMILIES[family], name], by_dir[direction].bytes)
+                for direction, name in DIRECTION_NAMES.items():
+                    labels = [FAMILY_NAMES[family], name]
+                    fam_packets.add_metric(labels, by_dir[direction].packets)
+                    fam_bytes.add_metric(labels, by_dir[direction].bytes)
         yield fam_packets
         yield fam_bytes
 

@@ -16,18 +16,19 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
-from forecast.layout import Direction, Family, SaDropReason
+from forecast.layout import (
+    DIRECTION_NAMES,
+    DIRECTION_TITLES,
+    FAMILY_NAMES,
+    Direction,
+    SaDropReason,
+)
 from forecast.pinned import PinnedCounters, PinnedError
 
 SCHEMA_VERSION = 1
-DIRECTION_KEYS = {
-    Direction.LAN_TO_SA: "lan_to_sa",
-    Direction.SA_TO_LAN: "sa_to_lan",
-    Direction.SA_TO_SA: "sa_to_sa",
-}
+DIRECTION_KEYS = DIRECTION_NAMES
 
 
-FAMILY_KEYS = {Family.IPV4: "ipv4", Family.IPV6: "ipv6"}
 STORM = SaDropReason.STORM.name.lower()
 
 
@@ -87,7 +88,7 @@ def read(state_file: Path) -> Snapshot:
             sas.append(entry)
         drops = {r.name.lower(): n for r, n in counters.drop_counts().items()}
         families = {
-            FAMILY_KEYS[f]: {
+            FAMILY_NAMES[f]: {
                 DIRECTION_KEYS[d]: {"packets": packets, "bytes": nbytes}
                 for d, (packets, nbytes) in by_dir.items()
             }
@@ -228,9 +229,14 @@ def _columns(w: int) -> list[Column]:
         Column("VIRTUAL IP", 15, 4),
         Column("MARK", 7, 8, True),
         Column("SPI IN/OUT", 17, 9),
-        Column("LAN>SA", w, 3, True),
-        Column("SA>LAN", w, 3, True),
-        Column("SA>SA", w, 6, True),
+        *(
+            Column(DIRECTION_TITLES[d], w, keep, True)
+            for d, keep in (
+                (Direction.LAN_TO_SA, 3),
+                (Direction.SA_TO_LAN, 3),
+                (Direction.SA_TO_SA, 6),
+            )
+        ),
         Column("DROPS", 7, 6, True),
     ]
 
@@ -263,9 +269,7 @@ def _cells(sa: dict[str, Any], r: dict[str, float] | None) -> dict[str, str]:
         "VIRTUAL IP": (sa["virtual_ips"] or ["-"])[0],
         "MARK": f"{sa['mark_in']:#x}",
         "SPI IN/OUT": sa["spi_in"] + "/" + sa["spi_out"],
-        "LAN>SA": _cell(sa["counters"], "lan_to_sa", r),
-        "SA>LAN": _cell(sa["counters"], "sa_to_lan", r),
-        "SA>SA": _cell(sa["counters"], "sa_to_sa", r),
+        **{DIRECTION_TITLES[d]: _cell(sa["counters"], key, r) for d, key in DIRECTION_KEYS.items()},
         "DROPS": _human(sum(sa.get("drops", {}).values())),
     }
 
@@ -305,12 +309,8 @@ def render_table(
                 "DROPS": _human(sum(sum(sa.get("drops", {}).values()) for sa in snap.sas)),
                 "REMOTE": "" if any(c.title == "CONN/CHILD" for c in columns) else "total",
                 **{
-                    title: _cell(t, key, totals_rates)
-                    for title, key in (
-                        ("LAN>SA", "lan_to_sa"),
-                        ("SA>LAN", "sa_to_lan"),
-                        ("SA>SA", "sa_to_sa"),
-                    )
+                    DIRECTION_TITLES[d]: _cell(t, key, totals_rates)
+                    for d, key in DIRECTION_KEYS.items()
                 },
             },
         )
@@ -331,14 +331,11 @@ def _footer(snap: Snapshot) -> list[str]:
             + " | ".join(
                 f"{name[:2].upper()}{name[2:]} "
                 + " ".join(
-                    f"{label} {_human(families[name][key]['packets'])}"
-                    for label, key in (
-                        ("LAN>SA", "lan_to_sa"),
-                        ("SA>LAN", "sa_to_lan"),
-                        ("SA>SA", "sa_to_sa"),
-                    )
+                    f"{DIRECTION_TITLES[d]} {_human(families[name][key]['packets'])}"
+                    for d, key in DIRECTION_KEYS.items()
                 )
-                for name in FAMILY_KEYS.values()
+                for name in FAMILY_NAMES.values()
+                if name in families
             )
         )
     # Who floods: the SAs the storm guard held back most.
