@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
@@ -94,22 +95,6 @@ class Config:
     state_file: Path = Path("/run/forecast-bpf/state.json")
 
 
-KEYS = {
-    "interface",
-    "groups",
-    "groups6",
-    "reinject",
-    "client_groups",
-    "storm_guard",
-    "xfrm",
-    "vici_socket",
-    "metrics_address",
-    "metrics_per_sa",
-    "log_level",
-    "netfilter",
-    "pin_dir",
-    "state_file",
-}
 XFRM_KEYS = {"name", "if_id", "dev"}
 CLIENT_GROUP_KEYS = {"to_lan", "to_clients"}
 STORM_KEYS = {"per_sa", "lan"}
@@ -292,6 +277,44 @@ def _path(where: str, value: Any) -> Path:
     return Path(value)
 
 
+def _xfrm(where: str, value: Any) -> XfrmConfig:
+    x = _mapping(where, value, XFRM_KEYS)
+    base = XfrmConfig()
+    return XfrmConfig(
+        name=_ifname(f"{where}.name", x["name"]) if "name" in x else base.name,
+        if_id=_if_id(f"{where}.if_id", x["if_id"]) if "if_id" in x else base.if_id,
+        dev=_ifname(f"{where}.dev", x["dev"]) if x.get("dev") is not None else None,
+    )
+
+
+def _bool(where: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    return value
+
+
+# Every top-level key but client_groups (which reads `groups` and `groups6`): its parser, given
+# "<file>: <key>" to name in its errors and the YAML value.
+PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "interface": _ifname,
+    "groups": _groups,
+    "groups6": _groups6,
+    "reinject": _names,
+    "storm_guard": _storm_guard,
+    "xfrm": _xfrm,
+    "vici_socket": _path,
+    "metrics_address": _address_port,
+    "metrics_per_sa": _bool,
+    "log_level": lambda where, value: _one_of(where, value, LOG_LEVELS),
+    "netfilter": lambda where, value: _one_of(where, value, NETFILTER_BACKENDS),
+    "pin_dir": _path,
+    "state_file": _path,
+}
+
+
+KEYS = {*PARSERS, "client_groups"}
+
+
 def parse(data: Any, source: str = "<config>") -> Config:
     if data is None:
         data = {}
@@ -302,55 +325,14 @@ def parse(data: Any, source: str = "<config>") -> Config:
         raise ConfigError(
             f"{source}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KEYS))})"
         )
-    kw: dict[str, Any] = {}
-    if "interface" in data:
-        kw["interface"] = _ifname(f"{source}: interface", data["interface"])
-    if "groups" in data:
-        kw["groups"] = _groups(f"{source}: groups", data["groups"])
-    if "groups6" in data:
-        kw["groups6"] = _groups6(f"{source}: groups6", data["groups6"])
-    if "reinject" in data:
-        kw["reinject"] = _names(f"{source}: reinject", data["reinject"])
+    kw: dict[str, Any] = {
+        key: parser(f"{source}: {key}", data[key]) for key, parser in PARSERS.items() if key in data
+    }
     if "client_groups" in data:
         both = (*kw.get("groups", Config.groups), *kw.get("groups6", Config.groups6))
         kw["client_groups"] = _client_groups(
             f"{source}: client_groups", data["client_groups"], both
         )
-    if "storm_guard" in data:
-        kw["storm_guard"] = _storm_guard(f"{source}: storm_guard", data["storm_guard"])
-    if "xfrm" in data:
-        x = data["xfrm"]
-        if not isinstance(x, dict):
-            raise ConfigError(f"{source}: xfrm: expected a mapping (name, if_id, dev)")
-        bad = sorted(set(map(str, x)) - XFRM_KEYS)
-        if bad:
-            raise ConfigError(
-                f"{source}: xfrm: unknown key {bad[0]!r} (known: {', '.join(sorted(XFRM_KEYS))})"
-            )
-        base = XfrmConfig()
-        kw["xfrm"] = XfrmConfig(
-            name=_ifname(f"{source}: xfrm.name", x["name"]) if "name" in x else base.name,
-            if_id=_if_id(f"{source}: xfrm.if_id", x["if_id"]) if "if_id" in x else base.if_id,
-            dev=_ifname(f"{source}: xfrm.dev", x["dev"]) if x.get("dev") is not None else None,
-        )
-    if "vici_socket" in data:
-        kw["vici_socket"] = _path(f"{source}: vici_socket", data["vici_socket"])
-    if "metrics_address" in data:
-        kw["metrics_address"] = _address_port(f"{source}: metrics_address", data["metrics_address"])
-    if "metrics_per_sa" in data:
-        if not isinstance(data["metrics_per_sa"], bool):
-            raise ConfigError(
-                f"{source}: metrics_per_sa: expected true or false, got {data['metrics_per_sa']!r}"
-            )
-        kw["metrics_per_sa"] = data["metrics_per_sa"]
-    if "log_level" in data:
-        kw["log_level"] = _one_of(f"{source}: log_level", data["log_level"], LOG_LEVELS)
-    if "netfilter" in data:
-        kw["netfilter"] = _one_of(f"{source}: netfilter", data["netfilter"], NETFILTER_BACKENDS)
-    if "pin_dir" in data:
-        kw["pin_dir"] = _path(f"{source}: pin_dir", data["pin_dir"])
-    if "state_file" in data:
-        kw["state_file"] = _path(f"{source}: state_file", data["state_file"])
     return Config(**kw)
 
 
