@@ -38,16 +38,9 @@ def run(cfg: Config) -> list[ChildReport]:
     output_marks = _inbound_output_marks()
     reports = []
     for child in table.active():
-        report = ChildReport(child.label)
-        if not child.marked:
-            report.problems.append(
-                "no unique mark: set mark_in = mark_out = %unique (or mark = %unique)"
-            )
-        if child.if_id_in != cfg.xfrm.if_id or child.if_id_out != cfg.xfrm.if_id:
-            report.problems.append(
-                f"if_id in/out is {child.if_id_in}/{child.if_id_out}: set if_id_in = "
-                f"if_id_out = {cfg.xfrm.if_id} (the XFRM interface's)"
-            )
+        # What the daemon ignores it for, worded once (desired.py), then what only the kernel
+        # can tell.
+        report = ChildReport(child.label, desired.what_is_missing(child, cfg))
         if child.marked and output_marks.get(child.spi_in, 0) != child.mark_in:
             report.problems.append(
                 "decrypted packets do not carry the SA's mark: set set_mark_in = %same "

@@ -103,15 +103,22 @@ def forwarded_selectors(child: ChildSa, lan_broadcast: IPv4Address | None) -> tu
     return tuple(ts for ts in child.remote_ts if forwards_to(ts, lan_broadcast))
 
 
-def why_ignored(child: ChildSa, cfg: Config) -> str | None:
+def what_is_missing(child: ChildSa, cfg: Config) -> list[str]:
+    """What keeps forecast-bpf from serving this child, each with what to set (the daemon's
+    log and `status` give them as why it is ignored, `check` lists them)."""
+    missing = []
     if not child.marked:
-        return "no mark (set mark_in and mark_out = %unique)"
+        missing.append("no unique mark (set mark_in = mark_out = %unique, or mark = %unique)")
     if child.if_id_in != cfg.xfrm.if_id or child.if_id_out != cfg.xfrm.if_id:
-        return (
+        missing.append(
             f"if_id in/out {child.if_id_in}/{child.if_id_out}, the XFRM interface has "
-            f"{cfg.xfrm.if_id} (set if_id_in and if_id_out = {cfg.xfrm.if_id})"
+            f"{cfg.xfrm.if_id} (set if_id_in = if_id_out = {cfg.xfrm.if_id})"
         )
-    return None
+    return missing
+
+
+def why_ignored(child: ChildSa, cfg: Config) -> str | None:
+    return "; ".join(what_is_missing(child, cfg)) or None
 
 
 def assign_slots(

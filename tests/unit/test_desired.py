@@ -76,10 +76,10 @@ def test_data_path_entries(fixtures_dir: Path) -> None:
 def test_children_without_marks_or_our_if_id_are_ignored_with_a_reason(fixtures_dir: Path) -> None:
     d = desired.compute(_children(fixtures_dir, "004", if_id=0), CFG, BCAST, {})
     assert not d.rules and not d.slots and not d.routes
-    assert all("set if_id_in and if_id_out = 42" in r for r in d.ignored.values())
+    assert all("set if_id_in = if_id_out = 42" in r for r in d.ignored.values())
     unmarked = [replace(c, mark_in=0, mark_out=0) for c in _children(fixtures_dir, "004")]
     d = desired.compute(unmarked, CFG, BCAST, {})
-    assert all(r.startswith("no mark") for r in d.ignored.values())
+    assert all(r.startswith("no unique mark") for r in d.ignored.values())
 
 
 def test_slots_are_stable_and_capacity_is_reported() -> None:
