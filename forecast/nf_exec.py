@@ -5,6 +5,9 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+from forecast import command
+from forecast.command import CommandError
+
 # (hook, comment, mark): what identifies a rule of ours whatever the back end's spelling; drift
 # is found by comparing these with what was applied.
 Signature = tuple[str, str, int]
@@ -17,16 +20,11 @@ class NetfilterError(RuntimeError):
 def run(
     argv: list[str], netns: str | None, input_text: str | None = None, *, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    full = [*(["ip", "netns", "exec", netns] if netns else []), *argv]
+    """forecast.command.run, its failures as NetfilterError (what the daemon handles)."""
     try:
-        proc = subprocess.run(
-            full, input=input_text, capture_output=True, text=True, timeout=30, check=False
-        )
-    except FileNotFoundError:
-        raise NetfilterError(f"{argv[0]}: not installed") from None
-    if check and proc.returncode != 0:
-        raise NetfilterError(f"{' '.join(argv)}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
+        return command.run(argv, netns=netns, check=check, timeout=30, input_text=input_text)
+    except CommandError as exc:
+        raise NetfilterError(str(exc)) from None
 
 
 def installed(tool: str) -> bool:

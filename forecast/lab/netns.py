@@ -6,41 +6,21 @@ import contextlib
 import ctypes
 import os
 import secrets
-import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
+
+# The lab's runner is the product's (forecast/command.py), re-exported under the old names.
+from forecast.command import CommandError as CommandError
+from forecast.command import run as run
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class CommandError(RuntimeError):
-    """A command in a namespace failed; the message carries its argv and stderr."""
-
-
 def unique_prefix(base: str = "fc") -> str:
     """A short per-run prefix, so parallel runs and leftovers never collide."""
     return f"{base}{secrets.token_hex(3)}"
-
-
-def run(
-    argv: Sequence[str],
-    *,
-    netns: str | None = None,
-    check: bool = True,
-    timeout: float = 60,
-    input_text: str | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Run argv (inside `netns` when given); raise CommandError naming the command on failure."""
-    full = [*(["ip", "netns", "exec", netns] if netns else []), *argv]
-    proc = subprocess.run(
-        full, capture_output=True, text=True, timeout=timeout, input=input_text, check=False
-    )
-    if check and proc.returncode != 0:
-        why = proc.stderr.strip() or proc.stdout.strip()
-        raise CommandError(f"{' '.join(full)} exited {proc.returncode}: {why}")
-    return proc
 
 
 def _setns(fd: int) -> None:
