@@ -22,8 +22,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_net
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from forecast import netlink
 
 ALIAS = "forecast-bpf"
 RTPROT_FORECAST = 252  # unassigned in iproute2's rt_protos: marks our routes
@@ -44,10 +45,6 @@ class LanInterface:
     broadcast: IPv4Address | None
 
 
-def _ipr(netns: str | None) -> IPRoute:
-    return IPRoute(netns=netns, flags=0) if netns else IPRoute()
-
-
 def _attrs(msg: Any) -> dict[str, Any]:
     return dict(msg["attrs"])
 
@@ -56,7 +53,7 @@ def find_lan(
     name: str | None, *, exclude: Iterable[str] = (), netns: str | None = None
 ) -> LanInterface:
     """The configured LAN interface, or the first with an IPv4 broadcast (as the plugin)."""
-    with _ipr(netns) as ipr:
+    with netlink.handle(netns) as ipr:
         links = {m["index"]: m for m in ipr.get_links()}
         addrs = [a for a in ipr.get_addr(family=socket.AF_INET)]
     skip = set(exclude)
@@ -99,14 +96,14 @@ def find_lan(
 def tx_errors(index: int, netns: str | None = None) -> int:
     """A device's TX errors. On the XFRM interface these are copies the data path handed over
     that did not leave: no policy or state matched, or a queue after encryption was full."""
-    with _ipr(netns) as ipr:
+    with netlink.handle(netns) as ipr:
         links = ipr.get_links(index)
     stats = links[0].get_attr("IFLA_STATS64") if links else None
     return int(stats["tx_errors"]) if stats else 0
 
 
 def default_route_device(netns: str | None = None) -> str:
-    with _ipr(netns) as ipr:
+    with netlink.handle(netns) as ipr:
         for route in ipr.get_default_routes(family=socket.AF_INET):
             oif = dict(route["attrs"]).get("RTA_OIF")
             if oif:
@@ -122,7 +119,7 @@ class XfrmInterface:
 
 
 def ensure_xfrm(name: str, if_id: int, dev: str, netns: str | None = None) -> XfrmInterface:
-    with _ipr(netns) as ipr:
+    with netlink.handle(netns) as ipr:
         found = ipr.link_lookup(ifname=name)
         if found:
             link = ipr.get_links(found[0])[0]
@@ -173,7 +170,7 @@ def _quiet_ipv6(name: str) -> None:
 
 def lookup_xfrm(name: str, netns: str | None = None) -> XfrmInterface | None:
     """The interface by that name; `created` tells whether it is ours (by its alias)."""
-    with _ipr(netns) as ipr:
+    with netlink.handle(netns) as ipr:
         found = ipr.link_lookup(ifname=name)
         if not found:
             return None
@@ -184,7 +181,7 @@ def lookup_xfrm(name: str, netns: str | None = None) -> XfrmInterface | None:
 def remove_xfrm(xfrm: XfrmInterface, netns: str | None = None) -> None:
     if not xfrm.created:
         return
-    with _ipr(netns) as ipr:
+    with netlink.handle(netns) as ipr:
         try:
             ipr.link("del", index=xfrm.index)
         except NetlinkError as exc:
@@ -200,7 +197,7 @@ def our_routes(netns: str | None = None) -> set[Network]:
 
 
 def _our_routes_by_oif(netns: str | None = None) -> dict[Network, int]:
-    with _ipr(netns) as ipr:
+    with netlink.handle(netns) as ipr:
         routes = [
             *ipr.get_routes(family=socket.AF_INET, proto=RTPROT_FORECAST),
             *ipr.get_routes(family=socket.AF_INET6, proto=RTPROT_FORECAST),
@@ -224,7 +221,7 @@ def _routes_in_batch(
     is already gone is not an error."""
     lines = []
     if replace:
-        with _ipr(netns) as ipr:
+        with netlink.handle(netns) as ipr:
             links = ipr.get_links(xfrm_index)
         if not links:
             raise LinkError(f"no device with index {xfrm_index} for our routes")
@@ -269,7 +266,7 @@ def sync_routes(
     if len(write) + len(gone) > BATCH_ROUTES:
         _routes_in_batch(sorted(write, key=str), sorted(gone, key=str), xfrm_index, netns)
         return want - have, gone
-    with _ipr(netns) as ipr:
+    with netlink.handle(netns) as ipr:
         for net in sorted(write, key=str):
             ipr.route(
                 "replace",

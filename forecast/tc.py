@@ -11,18 +11,14 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from forecast import netlink
 
 INGRESS = "ffff:fff2"
 EGRESS = "ffff:fff3"
 HANDLE = ":1"
 DEFAULT_PRIO = 0xFC  # "fc": unlikely to clash with an operator's own filters
-
-
-def _ipr(netns: str | None) -> IPRoute:
-    # flags=0: never create a namespace that does not exist (the default would).
-    return IPRoute(netns=netns, flags=0) if netns else IPRoute()
 
 
 def ensure_clsact(ifindex: int, ipr: Any) -> None:
@@ -43,7 +39,7 @@ def attach(
     prio: int = DEFAULT_PRIO,
 ) -> None:
     """Install our filter, or swap the program in it atomically if it is there."""
-    with _ipr(netns) as ipr:
+    with netlink.handle(netns) as ipr:
         ensure_clsact(ifindex, ipr)
         ipr.tc(
             "replace-filter",
@@ -63,7 +59,7 @@ def detach(
     ifindex: int, *, netns: str | None = None, parent: str = INGRESS, prio: int = DEFAULT_PRIO
 ) -> bool:
     """Remove our filter; True if there was one. A gone device counts as detached."""
-    with _ipr(netns) as ipr:
+    with netlink.handle(netns) as ipr:
         try:
             ipr.tc("del-filter", "bpf", ifindex, HANDLE, parent=parent, prio=prio)
             return True
@@ -77,7 +73,7 @@ def bpf_filters(
     ifindex: int, *, netns: str | None = None, parent: str = INGRESS
 ) -> list[tuple[int, str]]:
     """(priority, program name) of every bpf filter on the hook."""
-    with _ipr(netns) as ipr:
+    with netlink.handle(netns) as ipr:
         try:
             msgs = ipr.get_filters(ifindex, parent=parent)
         except NetlinkError as exc:
