@@ -126,6 +126,47 @@ def _add_lab_topology_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# name, one line for `forecast-bpf --help`, its own --help's description (with exit codes)
+COMMANDS = (
+    (
+        "run",
+        "run the daemon in the foreground (systemd: forecast-bpf.service)",
+        "Run the daemon in the foreground: XFRM interface, TC programs (adopted from a previous\n"
+        "daemon when it left them forwarding), MARK rules and routes kept in step with charon.\n"
+        "SIGHUP: reload groups, groups6, client_groups, storm_guard. SIGTERM: stop and remove\n"
+        "everything (under systemd, a restart hands over instead). SIGUSR2: exit, leaving the\n"
+        "data path forwarding for the next daemon.\n\n"
+        "exit codes: 0 stopped, 1 set-up failed, 2 bad configuration, not root, or another\n"
+        "daemon runs",
+    ),
+    (
+        "stop",
+        "remove a data path that no daemon runs (left by a hand-over or a crash)",
+        "Remove what a daemon left forwarding (filters, maps, MARK rules, routes, the XFRM\n"
+        "interface) when no daemon will take it over.\n\n"
+        "exit codes: 0 removed (or nothing to remove), 2 bad configuration, not root, or a\n"
+        "daemon still runs",
+    ),
+    (
+        "check",
+        "tell, child by child, what strongSwan's live SAs lack",
+        "Read charon's live CHILD_SAs over VICI and say, for each, what forecast-bpf needs and\n"
+        "it lacks (mark, if_id, set_mark_in, a multicast or broadcast selector).\n\n"
+        "exit codes: 0 every child ready (or none up), 1 some need changes, 2 bad\n"
+        "configuration or charon unreachable",
+    ),
+    (
+        "status",
+        "per-SA counters of the running daemon",
+        "Per-SA counters, live from the pinned BPF maps, the copies by address family, drops\n"
+        "and the daemon's state.\n\n"
+        "exit codes: 0 a daemon runs, 1 the daemon is down but its data path still forwards,\n"
+        "2 bad configuration or arguments, 3 nothing runs (with --json: a document that says\n"
+        "why, on stdout)",
+    ),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="forecast-bpf",
@@ -136,39 +177,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     from forecast.config import DEFAULT_PATH
 
-    for name, help_text in (
-        (
-            "run",
-            "run the daemon in the foreground (SIGHUP: reload; SIGUSR2: exit, leaving "
-            "the data path forwarding for the next daemon)",
-        ),
-        ("stop", "remove a data path that no daemon runs (left by a hand-over or a crash)"),
-        ("check", "tell, child by child, what strongSwan's live SAs lack"),
-        ("status", "per-SA counters of the running daemon"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", default=str(DEFAULT_PATH), help=f"({DEFAULT_PATH})")
+    for name, help_text, description in COMMANDS:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "-c", "--config", default=str(DEFAULT_PATH), help=f"configuration ({DEFAULT_PATH})"
+        )
         if name == "status":
-            p.add_argument("--json", action="store_true", help="machine-readable (schema 1)")
             p.add_argument(
+                "-j",
+                "--json",
+                action="store_true",
+                help="machine-readable (schema 1), also when nothing runs",
+            )
+            p.add_argument(
+                "-w",
                 "--watch",
                 action="store_true",
                 help="refresh in place like top, with rates per second",
             )
             p.add_argument(
+                "-i",
                 "--interval",
                 type=_interval,
                 default=1.0,
                 help="seconds between --watch refreshes (1)",
             )
             p.add_argument(
+                "-s",
                 "--sort",
                 choices=SORT_KEYS,
                 default="slot",
                 help="row order; counters sort busiest first (by rate under --watch)",
             )
-            p.add_argument("--top", type=_positive, metavar="N", help="only the first N rows")
+            p.add_argument("-t", "--top", type=_positive, metavar="N", help="only the first N rows")
             p.add_argument(
+                "-m",
                 "--match",
                 metavar="ID|VIP|CONN",
                 help="only SAs with this unique id, or whose virtual IP, remote id or "

@@ -175,6 +175,9 @@ def run_status(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _fail(str(exc))
     except status.NotRunning as exc:
+        if args.json:
+            # Scripts read stdout alone: the same schema, saying nothing runs and why.
+            print(json.dumps(status.not_running_doc(str(exc)), indent=2))
         print(str(exc), file=sys.stderr)
         return 3
     if args.json:

@@ -120,6 +120,15 @@ def read(state_file: Path) -> Snapshot:
     )
 
 
+def not_running_doc(reason: str) -> dict[str, Any]:
+    """What `status --json` prints when nothing runs: the schema's shape, empty, with why."""
+    return {
+        "schema": SCHEMA_VERSION,
+        "daemon": {"running": False, "reason": reason},
+        "sas": [],
+    }
+
+
 def _human(n: float) -> str:
     for unit in ("", "K", "M", "G", "T"):
         if abs(n) < 1000:
