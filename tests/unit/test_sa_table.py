@@ -94,7 +94,11 @@ def test_snapshot_replaces_the_table(fixtures_dir: Path) -> None:
     again = table.load_snapshot(load_list_sas(fixtures_dir / "list-sas/gw-2clients-up.json"))
     assert again == []
     gone = table.load_snapshot(load_list_sas(fixtures_dir / "list-sas/gw-after-disconnect.json"))
-    assert {c.kind for c in gone} <= {"removed"}
+    # both clients gone in that snapshot: both removed (a subset test would pass on nothing)
+    assert sorted((c.kind, c.child.remote_id) for c in gone) == [
+        ("removed", "c1@probe"),
+        ("removed", "c2@probe"),
+    ]
     assert len(table.active()) == len(
         [
             1
