@@ -1,7 +1,10 @@
 """Prometheus exporter: counters read from the BPF maps at scrape time.
 
 Names follow the Prometheus naming guide (`forecast_` prefix, base units, `_total` counters).
-Labels stay low-cardinality: connection, child and CHILD_SA unique id; never traffic-selector
+Labels join with strongSwan's VICI exporters (`ike_name`, `child_name`) and name the client
+(`remote_id`) and the SA by its inbound mark (`mark`), which a CHILD_SA rekey and a daemon restart
+keep, so a series lives as long as the client's SA, not one rekey (a CHILD_SA's unique id
+changes at every rekey: it is no label). Labels stay low-cardinality; never traffic-selector
 strings. A gone SA's series disappear because each scrape yields only the SAs in the data
 path now.
 
@@ -36,7 +39,7 @@ from forecast.layout import DIRECTION_NAMES, FAMILY_NAMES, DropReason
 if TYPE_CHECKING:
     from forecast.daemon import Daemon
 
-SA_LABELS = ["connection", "child", "unique_id"]
+SA_LABELS = ["ike_name", "child_name", "remote_id", "mark"]
 
 
 APPLY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -87,12 +90,12 @@ class ForecastCollector(Collector):
         conn_packets = CounterMetricFamily(
             "forecast_connection_packets",
             "Multicast/broadcast packets forwarded, summed over a connection's SAs",
-            labels=["connection", "direction"],
+            labels=["ike_name", "direction"],
         )
         conn_bytes = CounterMetricFamily(
             "forecast_connection_bytes",
             "Bytes (IP length) forwarded, summed over a connection's SAs",
-            labels=["connection", "direction"],
+            labels=["ike_name", "direction"],
         )
         sa_drops = CounterMetricFamily(
             "forecast_sa_drops",
@@ -103,7 +106,7 @@ class ForecastCollector(Collector):
         conn_drops = CounterMetricFamily(
             "forecast_connection_drops",
             "forecast_sa_drops summed over a connection's SAs",
-            labels=["connection", "reason"],
+            labels=["ike_name", "reason"],
         )
         slots = dict(d.last_desired.slots)  # one consistent view for this scrape
         per_sa = d.cfg.metrics_per_sa
@@ -114,7 +117,7 @@ class ForecastCollector(Collector):
             dropped = d.datapath.sa_drops(list(slots))
             for slot, state in slots.items():
                 child = state.children[0]
-                labels = [child.ike_name, child.child_name, str(child.unique_id)]
+                labels = [child.ike_name, child.child_name, child.remote_id, f"{child.mark_in:#x}"]
                 for sa_reason, n in dropped[slot].items():
                     if per_sa and n:
                         sa_drops.add_metric([*labels, sa_reason.name.lower()], n)

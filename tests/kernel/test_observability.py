@@ -55,8 +55,40 @@ def promql(ns: str, expr: str, *, at: float | None = None) -> list[dict[str, Any
 
 
 def panel_exprs() -> list[tuple[str, str]]:
+    """Every panel's PromQL as Grafana sends it with this gateway picked in the dashboard's
+    job and instance variables."""
     dash = json.loads(DASHBOARD.read_text())
-    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+    return [
+        (
+            p["title"],
+            t["expr"]
+            .replace("$__rate_interval", "10s")
+            .replace("$job", "forecast-bpf")
+            .replace("$instance", METRICS),
+        )
+        for p in dash["panels"]
+        for t in p["targets"]
+    ]
+
+
+def variable_values(ns: str) -> dict[str, list[str]]:
+    """What each of the dashboard's query variables offers, from Prometheus' series API."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = {}
+    for var in dash["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        label, match = _label_values(var["definition"].replace("$job", "forecast-bpf"))
+        q = urllib.parse.urlencode({"match[]": match})
+        doc = json.loads(http_get(ns, f"http://{PROM}/api/v1/label/{label}/values?{q}"))
+        out[var["name"]] = list(doc["data"])
+    return out
+
+
+def _label_values(definition: str) -> tuple[str, str]:
+    m = re.fullmatch(r"label_values\((.+), (\w+)\)", definition)
+    assert m, definition
+    return m[2], m[1]
 
 
 @pytest.fixture
@@ -131,7 +163,14 @@ def test_prometheus_scrapes_and_every_panel_returns_data(
     assert [float(v) for v in lan_to_sa] == [30.0, 30.0], exposition
     # The per-connection sum, kept when per-SA series are switched off.
     assert re.search(
-        r'^forecast_connection_packets_total\{connection="rw",direction="lan_to_sa"\} 60\.0$',
+        r'^forecast_connection_packets_total\{direction="lan_to_sa",ike_name="rw"\} 60\.0$',
+        exposition,
+        re.M,
+    ), exposition
+    # Labels that join with strongSwan's exporters and name the client and its SA's mark.
+    assert re.search(
+        r'^forecast_sa_packets_total\{child_name="rw",direction="lan_to_sa",ike_name="rw",'
+        r'mark="0x[0-9a-f]+",remote_id="c1@forecast\.lab"\} 30\.0$',
         exposition,
         re.M,
     ), exposition
@@ -165,8 +204,10 @@ def test_prometheus_scrapes_and_every_panel_returns_data(
         traffic.send(lan, GROUP, 1900, f"prom{i}", 10, iface="eth0")
         time.sleep(1.2)
     empty = []
+    # The dashboard's variables offer this gateway, and its panels, with it picked, have data.
+    assert variable_values(r.gw) == {"job": ["forecast-bpf"], "instance": [METRICS]}
     for title, expr in panel_exprs():
-        result = promql(r.gw, expr.replace("$__rate_interval", "10s"))
+        result = promql(r.gw, expr)
         if not result:
             empty.append(f"{title}: {expr}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
@@ -176,12 +217,34 @@ def test_prometheus_scrapes_and_every_panel_returns_data(
     if DOCS_OUT:
         _save_ranges(r.gw, Path(DOCS_OUT))
 
+    # A CHILD_SA rekey keeps c1's series: same labels, counting on (its unique id changed).
+    def c1_series(text: str) -> list[str]:
+        return [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith("forecast_sa_packets_total{")
+            and 'remote_id="c1@forecast.lab"' in ln
+            and 'direction="lan_to_sa"' in ln
+        ]
+
+    (before_rekey,) = c1_series(http_get(r.gw, f"http://{METRICS}/metrics"))
+    uid = next(s for s in r.state()["slots"].values() if s["remote_id"].startswith("c1@"))
+    r.lab.rekey_child("c1")
+    r.wait(
+        "c1's rekey",
+        lambda s: any(
+            v["remote_id"].startswith("c1@") and v["unique_id"] != uid["unique_id"]
+            for v in s["slots"].values()
+        ),
+    )
+    (after_rekey,) = c1_series(http_get(r.gw, f"http://{METRICS}/metrics"))
+    assert after_rekey == before_rekey  # same series, same count (no traffic meanwhile)
+
     # A gone SA's series disappear from the next scrape.
-    gone = next(s for s in r.state()["slots"].values() if s["remote_id"].startswith("c2@"))
     r.lab.disconnect("c2")
     r.wait("c2 gone", lambda s: len(s["slots"]) == 1)
     after = http_get(r.gw, f"http://{METRICS}/metrics")
-    assert f'unique_id="{gone["unique_id"]}"' not in after
+    assert 'remote_id="c2@forecast.lab"' not in after
     assert "forecast_sas 1.0" in after
 
 
@@ -193,7 +256,7 @@ def _save_ranges(ns: str, out: Path) -> None:
     for title, expr in panel_exprs():
         q = urllib.parse.urlencode(
             {
-                "query": expr.replace("$__rate_interval", "10s"),
+                "query": expr,
                 "start": str(end - 60),
                 "end": str(end),
                 "step": "1",
