@@ -205,7 +205,7 @@ def test_reload_changes_groups_reinject_and_log_level(running: Running) -> None:
     # metrics_per_sa: false took effect in place: the per-connection sums stay.
     after = _scrape(running)
     assert "forecast_sa_packets_total{" not in after
-    assert 'forecast_connection_packets_total{connection="rw",direction="lan_to_sa"}' in after
+    assert 'forecast_connection_packets_total{direction="lan_to_sa",ike_name="rw"}' in after
     assert "reload: metrics_address changed; it takes effect at the next restart" in log
     assert "reload failed, the running configuration stays" in log
     assert "pyroute2" not in log and "nlmsg" not in log

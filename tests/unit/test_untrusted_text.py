@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
-from forecast import config, desired, rules_iptables, rules_nft, status
+from forecast import config, desired, metrics, rules_iptables, rules_nft, status
 from forecast.sa import MAX_TEXT, Change, SaTable, printable
 from tests import hostile_names
 
@@ -104,8 +104,9 @@ def test_status_table_and_log_lines_show_escapes_not_control_characters(
 
 def test_metric_labels_are_escaped_by_the_exposition_format() -> None:
     child = _child().child
-    family = CounterMetricFamily("forecast_test", "t", labels=["connection", "child"])
-    family.add_metric([child.ike_name, child.child_name], 1)
+    # The exporter's own per-SA labels, the peer's identity (`remote_id`) among them.
+    family = CounterMetricFamily("forecast_test", "t", labels=metrics.SA_LABELS)
+    family.add_metric([child.ike_name, child.child_name, child.remote_id, f"{child.mark_in:#x}"], 1)
 
     class One:
         def collect(self) -> list[CounterMetricFamily]:
@@ -116,4 +117,4 @@ def test_metric_labels_are_escaped_by_the_exposition_format() -> None:
     text = generate_latest(registry).decode()
     sample = [ln for ln in text.splitlines() if ln.startswith("forecast_test_total{")]
     assert len(sample) == 1  # one line: no label value broke out of its quotes
-    assert 'connection="rw\\" -j ACCEPT\\\\n-A INPUT -j DROP\\\\n#"' in sample[0]
+    assert 'ike_name="rw\\" -j ACCEPT\\\\n-A INPUT -j DROP\\\\n#"' in sample[0]
