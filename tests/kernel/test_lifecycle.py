@@ -179,7 +179,7 @@ def test_reload_changes_groups_reinject_and_log_level(running: Running) -> None:
     text = running.cfg_path.read_text().replace("reinject: [rw]\n", "reinject: []\n")
     running.cfg_path.write_text(
         text + "groups: [224.0.0.251, 239.1.2.3]\nlog_level: debug\nmetrics_address: 127.0.0.1:1\n"
-        "metrics_per_sa: false\n"
+        "metrics_per_sa: false\ngroups6: [ff02::fb, ff05::1:3]\n"
     )
     before = _scrape(running)
     assert "forecast_sa_packets_total{" in before
@@ -189,8 +189,11 @@ def test_reload_changes_groups_reinject_and_log_level(running: Running) -> None:
         "reinject off", lambda s: not any(v["reinject"] for v in s["slots"].values())
     )
     assert state["pid"] == pid and state["groups"] == ["224.0.0.251", "239.1.2.3"]
+    assert state["groups6"] == ["ff02::fb", "ff05::1:3"]
     maddr = netns.run(["ip", "maddr", "show", "dev", "eth1"], netns=running.gw).stdout
     assert "239.1.2.3" in maddr and "239.255.255.250" not in maddr, maddr
+    # the IPv6 memberships follow groups6 too (MLD): one joined, one left
+    assert "inet6 ff05::1:3" in maddr and "inet6 ff02::c" not in maddr, maddr
     # A broken file on reload: an error line, the running configuration stays.
     running.cfg_path.write_text(text + "groups: [10.0.0.1]\n")
     running.proc.send_signal(signal.SIGHUP)
