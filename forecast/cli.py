@@ -10,9 +10,17 @@ from collections.abc import Sequence
 from forecast import __version__
 from forecast.status import SORT_KEYS
 
+# The lab (package forecast_lab) ships with the source tree, not with the gateway's package.
+LAB_MISSING = (
+    "the lab is not installed here (it ships with the source tree, not with the gateway package)"
+)
+
 
 def _positive_clients(text: str) -> int:
-    from forecast.lab.topology import MAX_CLIENTS
+    try:
+        from forecast_lab.topology import MAX_CLIENTS
+    except ImportError:
+        raise argparse.ArgumentTypeError(LAB_MISSING) from None
 
     try:
         value = int(text)
@@ -291,13 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         }[args.command](args)
     if args.command == "lab":
         try:
-            from forecast.lab import cli_lab
+            from forecast_lab import cli_lab
         except ImportError:
-            print(
-                "forecast-bpf: error: the lab is not installed here (it ships with the "
-                "source tree, not with the gateway package)",
-                file=sys.stderr,
-            )
+            print(f"forecast-bpf: error: {LAB_MISSING}", file=sys.stderr)
             return 2
 
         return cli_lab.dispatch(args)

@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from forecast import netfilter  # noqa: E402
-from forecast.desired import MarkRule, RuleMatch  # noqa: E402
-from forecast.lab import netns  # noqa: E402
+from forecast import netfilter
+from forecast.desired import MarkRule, RuleMatch
+from forecast_lab import netns
 
 GW = IPv4Network("192.168.0.1/32")
 

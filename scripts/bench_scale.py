@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from forecast import bpf_build, layout, tc
 from forecast.datapath import Datapath, DatapathConfig, SaEntry
-from forecast.lab import netns, traffic
 from forecast.pinned import _libbpf, prog_info
+from forecast_lab import netns, traffic
 
 WITNESS = Path(__file__).resolve().parents[1] / "tests" / "kernel" / "bpf" / "witness.bpf.c"
 GROUP, PORT = "224.0.0.251", 5353
@@ -56,9 +56,9 @@ def control_plane(hosts: int, identities: int, events: int) -> None:
     import statistics
     from concurrent.futures import ThreadPoolExecutor
 
-    from forecast.lab import conns, ipsec_state
-    from forecast.lab.conns import GatewayMode
-    from forecast.lab.lab import Lab, LabOptions
+    from forecast_lab import conns, ipsec_state
+    from forecast_lab.conns import GatewayMode
+    from forecast_lab.lab import Lab, LabOptions
 
     n = hosts * identities
     work = Path(tempfile.mkdtemp(prefix="fc-bench-cp-"))

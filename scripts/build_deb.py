@@ -143,7 +143,7 @@ def build(out_dir: Path, version: str) -> Path:
         )
         # Only the importable code: the gateway needs neither the lab nor pip's metadata
         # scripts (the entry point is ours, below).
-        shutil.rmtree(lib / "forecast" / "lab")
+        shutil.rmtree(lib / "forecast_lab")
         shutil.rmtree(lib / "bin", ignore_errors=True)
         share = root / "usr/share/forecast-bpf"
         shutil.copytree(

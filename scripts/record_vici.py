@@ -29,9 +29,9 @@ import vici
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from forecast.lab import netns  # noqa: E402
-from forecast.lab.conns import GatewayMode  # noqa: E402
-from forecast.lab.lab import Lab, LabOptions  # noqa: E402
+from forecast_lab import netns  # noqa: E402
+from forecast_lab.conns import GatewayMode  # noqa: E402
+from forecast_lab.lab import Lab, LabOptions  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "vici-5.9.8"
 EVENTS = ["ike-updown", "child-updown", "child-rekey", "ike-rekey", "ike-update"]

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from forecast.lab import netns
+from forecast_lab import netns
 from tests.kernel.daemon_fixture import running  # noqa: F401  (a fixture, used by name)
 from tests.kernel.veth_gateway import gateway  # noqa: F401  (a fixture, used by name)
 

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from forecast import rules_nft
-from forecast.lab import netns
-from forecast.lab.conns import GatewayMode
-from forecast.lab.lab import Lab, LabOptions
+from forecast_lab import netns
+from forecast_lab.conns import GatewayMode
+from forecast_lab.lab import Lab, LabOptions
 
 HELPER = Path(__file__).with_name("standin_daemon.py")
 # The interpreter the daemon runs under: this one, or an installed build's (test_install.py).

@@ -13,8 +13,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from forecast.lab import netns
 from forecast.pinned import _libbpf
+from forecast_lab import netns
 
 SKB_CTX_SIZE = 68  # struct __sk_buff up to the end of cb[]: all a TC test run may set
 SKB_MARK, SKB_IFINDEX = 8, 40  # offsets in struct __sk_buff

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import platform
 
-from forecast.lab import capability, netns, runner
+from forecast_lab import capability, netns, runner
 
 
 def test_probe_answers_and_leaves_nothing_behind() -> None:

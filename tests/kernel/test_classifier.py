@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from forecast.lab import netns, traffic
 from forecast.layout import Direction, DropReason
+from forecast_lab import netns, traffic
 from tests.kernel import prog_run
 from tests.kernel.prog_run import (
     BROADCAST_MAC,

@@ -19,9 +19,9 @@ import pytest
 
 from forecast import tc
 from forecast.datapath import program_digest
-from forecast.lab import netns
-from forecast.lab.conns import GatewayMode
-from forecast.lab.lab import Lab, LabOptions
+from forecast_lab import netns
+from forecast_lab.conns import GatewayMode
+from forecast_lab.lab import Lab, LabOptions
 from tests.kernel.daemon_fixture import DAEMON_PYTHON, IF_ID, Running, start_running
 
 

@@ -8,8 +8,8 @@ from ipaddress import IPv4Network
 
 from forecast import tc
 from forecast.datapath import SaEntry
-from forecast.lab import netns, traffic
 from forecast.layout import Direction, DropReason, Family
+from forecast_lab import netns, traffic
 from tests.kernel.veth_gateway import (
     BCAST,
     GROUP,

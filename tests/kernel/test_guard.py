@@ -12,9 +12,9 @@ from ipaddress import IPv4Address, IPv4Network
 
 from forecast.config import RateLimit
 from forecast.datapath import SaEntry
-from forecast.lab import traffic
 from forecast.layout import Direction, DropReason, SaDropReason
 from forecast.pinned import possible_cpus
+from forecast_lab import traffic
 from tests.kernel.veth_gateway import (
     GROUP,
     GROUP6,

@@ -111,7 +111,7 @@ def test_debian_package_files_run_the_daemon(tmp_path: Path) -> None:
         assert path in names, path
     # Nothing for the system's site-packages, no lab, byte code shipped (never written later).
     assert not [n for n in names if "site-packages" in n or "dist-packages" in n]
-    assert not [n for n in names if n.startswith("/usr/lib/forecast-bpf/forecast/lab")]
+    assert not [n for n in names if n.startswith("/usr/lib/forecast-bpf/forecast_lab")]
     assert any(n.endswith(".cpython-311.pyc") for n in names)
     control = tmp_path / "control"
     subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True)

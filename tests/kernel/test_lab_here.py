@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from forecast.lab import ipsec_state, netns, runner
-from forecast.lab.charon import CharonError
-from forecast.lab.conns import GatewayMode
-from forecast.lab.lab import Lab, LabOptions
+from forecast_lab import ipsec_state, netns, runner
+from forecast_lab.charon import CharonError
+from forecast_lab.conns import GatewayMode
+from forecast_lab.lab import Lab, LabOptions
 
 
 def _pids_alive(pids: list[int]) -> list[int]:
@@ -89,7 +89,7 @@ def test_script_sees_the_topology_and_its_exit_code_is_returned(
 
 
 def test_failed_bring_up_leaves_nothing(run_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from forecast.lab import conns
+    from forecast_lab import conns
 
     monkeypatch.setattr(conns, "BASE_PLUGINS", [*conns.BASE_PLUGINS, "no-such-plugin"])
     prefix = f"{run_prefix}d"

@@ -19,7 +19,7 @@ from typing import Any
 
 from forecast import tc
 from forecast.datapath import program_digest
-from forecast.lab import netns, traffic
+from forecast_lab import netns, traffic
 from tests.kernel.daemon_fixture import Running
 from tests.kernel.test_daemon_control_plane import forecast_cli
 

@@ -14,8 +14,8 @@ import pytest
 
 from forecast import config, desired, netfilter, rules_iptables
 from forecast.desired import MarkRule, RuleMatch
-from forecast.lab import netns
 from forecast.sa import SaTable
+from forecast_lab import netns
 from tests import hostile_names
 
 BACKENDS = ("nftables", "iptables")

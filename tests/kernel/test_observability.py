@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from forecast import tc
-from forecast.lab import netns, traffic
+from forecast_lab import netns, traffic
 from tests.kernel.daemon_fixture import Running, start_running
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "dashboards" / "forecast-bpf.json"

@@ -25,8 +25,8 @@ from bcc import BPF
 
 from forecast import bpf_build, layout, tc
 from forecast.datapath import Datapath, DatapathConfig, SaEntry
-from forecast.lab import netns, traffic
 from forecast.layout import Direction
+from forecast_lab import netns, traffic
 from tests.kernel.veth_gateway import stand_in_gateway
 
 GROUP = "224.0.0.251"

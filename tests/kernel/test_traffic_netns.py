@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from forecast.lab import netns, traffic
+from forecast_lab import netns, traffic
 
 
 @pytest.fixture

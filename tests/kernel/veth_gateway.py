@@ -28,7 +28,7 @@ import pytest
 
 from forecast import tc
 from forecast.datapath import Datapath, DatapathConfig, SaEntry
-from forecast.lab import netns
+from forecast_lab import netns
 
 GROUP = "239.255.255.250"
 OTHER_GROUP = "224.0.0.251"  # not in the configured groups

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from forecast.lab import capability
-from forecast.lab.vm import LabVM, LabVMError
+from forecast_lab import capability
+from forecast_lab.vm import LabVM, LabVMError
 
 SCRIPTS = Path(__file__).with_name("scripts")
 

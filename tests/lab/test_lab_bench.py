@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from forecast.lab import bench_report
-from forecast.lab.runner import QUICK_BENCH
+from forecast_lab import bench_report
+from forecast_lab.runner import QUICK_BENCH
 from tests.lab.conftest import LabRunner
 
 

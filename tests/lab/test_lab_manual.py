@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from forecast.lab import runner
+from forecast_lab import runner
 
 CLI = [sys.executable, "-m", "forecast", "lab"]
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from forecast.cli import build_parser
-from forecast.lab import bench_report
-from forecast.lab.pktgen import Flow, multicast_mac
+from forecast_lab import bench_report
+from forecast_lab.pktgen import Flow, multicast_mac
 from tests.conftest import FIXTURES
 
 RECORDED = FIXTURES / "bench" / "quick-6.1.txt"

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,20 @@ def test_status_json_without_a_daemon_is_still_json(
     assert "not running" in err  # people read stderr
     assert cli.main(["status", "-c", str(cfg)]) == 3
     assert capsys.readouterr().out == ""  # the table form prints nothing on stdout
+
+
+def test_without_the_lab_package_lab_commands_say_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gateway's package carries no forecast_lab: `lab …` is an error naming why, never a
+    traceback, and the daemon's commands do not need it."""
+    for name in [m for m in sys.modules if m == "forecast_lab" or m.startswith("forecast_lab.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "forecast_lab", None)  # import raises ImportError
+    assert cli.main(["lab", "probe"]) == 2
+    assert "the lab is not installed here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["lab", "run", "--clients", "3", "x.sh"])
+    assert exc.value.code == 2
+    assert "the lab is not installed here" in capsys.readouterr().err
+    assert build_parser().parse_args(["status", "-j"]).json

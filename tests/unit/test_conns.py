@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from forecast.lab import conns
-from forecast.lab.conns import GatewayMode
+from forecast_lab import conns
+from forecast_lab.conns import GatewayMode
 
 
 def _child(mode: GatewayMode) -> dict[str, object]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from forecast.lab.topology import Topology
+from forecast_lab.topology import Topology
 
 
 def test_plan_addresses_and_names() -> None:

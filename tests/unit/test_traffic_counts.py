@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from forecast.lab.traffic import Received
+from forecast_lab.traffic import Received
 
 
 def test_exactly_once_needs_every_sequence_number_once() -> None:

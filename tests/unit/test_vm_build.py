@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from forecast.lab import vm
+from forecast_lab import vm
 
 
 def _modules_dir(tmp_path: Path) -> Path:

@@ -6,8 +6,8 @@ import json
 import os
 import sys
 
-from forecast.lab import checks
-from forecast.lab.topology import Topology
+from forecast_lab import checks
+from forecast_lab.topology import Topology
 
 topo = Topology.load(os.environ["FORECAST_LAB_TOPOLOGY"])
 names = {c.name for c in topo.clients}

@@ -14,10 +14,10 @@ import subprocess
 import sys
 
 from forecast import netfilter
-from forecast.lab import checks, ipsec_state
-from forecast.lab.checks import CheckResult
-from forecast.lab.daemon_run import LabDaemon
-from forecast.lab.topology import Topology
+from forecast_lab import checks, ipsec_state
+from forecast_lab.checks import CheckResult
+from forecast_lab.daemon_run import LabDaemon
+from forecast_lab.topology import Topology
 
 topo = Topology.load(os.environ["FORECAST_LAB_TOPOLOGY"])
 REINJECT = sys.argv[1:]

@@ -23,10 +23,10 @@ import time
 from typing import Any
 
 from forecast import netfilter
-from forecast.lab import checks, ipsec_state, netns, traffic
-from forecast.lab.checks import CheckResult
-from forecast.lab.daemon_run import LabDaemon
-from forecast.lab.topology import Host, Topology
+from forecast_lab import checks, ipsec_state, netns, traffic
+from forecast_lab.checks import CheckResult
+from forecast_lab.daemon_run import LabDaemon
+from forecast_lab.topology import Host, Topology
 
 topo = Topology.load(os.environ["FORECAST_LAB_TOPOLOGY"])
 BACKEND = sys.argv[1] if len(sys.argv) > 1 else "auto"

@@ -1,6 +1,6 @@
 """Lab script: faults under load. The LAN host's pktgen sends 1,000 multicast packets/s to every
 client, each counting every copy by pktgen's sequence number, while a WAN capture on the gateway
-watches for anything it sends that is not IKE or ESP (forecast.lab.faults).
+watches for anything it sends that is not IKE or ESP (forecast_lab.faults).
 
 Both gateway modes: 20 CHILD_SA rekeys, 5 IKE_SA rekeys, then one reauthentication. With
 --gateway-mode forecast-bpf, then: the daemon killed and restarted (a CHILD_SA rekey while it is
@@ -25,10 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from forecast.lab import bench, faults, ipsec_state
-from forecast.lab.checks import CheckResult
-from forecast.lab.daemon_run import LabDaemon
-from forecast.lab.topology import Topology
+from forecast_lab import bench, faults, ipsec_state
+from forecast_lab.checks import CheckResult
+from forecast_lab.daemon_run import LabDaemon
+from forecast_lab.topology import Topology
 
 topo = Topology.load(os.environ["FORECAST_LAB_TOPOLOGY"])
 # Packets/s from the LAN: 1,000 by default; the plugin's comparison runs where its own

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from forecast import netfilter
-from forecast.lab import conns, ipsec_state, traffic
-from forecast.lab.checks import CheckResult
-from forecast.lab.daemon_run import LabDaemon
-from forecast.lab.topology import Topology
+from forecast_lab import conns, ipsec_state, traffic
+from forecast_lab.checks import CheckResult
+from forecast_lab.daemon_run import LabDaemon
+from forecast_lab.topology import Topology
 
 topo = Topology.load(os.environ["FORECAST_LAB_TOPOLOGY"])
 M = topo.identities

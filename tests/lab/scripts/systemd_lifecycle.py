@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from forecast import netfilter
-from forecast.lab import conns, ipsec_state, traffic
-from forecast.lab.checks import CheckResult
-from forecast.lab.topology import Topology
+from forecast_lab import conns, ipsec_state, traffic
+from forecast_lab.checks import CheckResult
+from forecast_lab.topology import Topology
 
 # `ip netns exec` gave this script a mount namespace of its own; systemd's is the one that
 # matters here (its /run: runtime directory, journal, bind-mount targets; its bpffs). Enter it,

@@ -1,7 +1,7 @@
 """The lab VM: a stock Debian kernel under qemu that runs on this machine's own root file system.
 
 The host's `/` is shared read-only over 9p; the guest writes only to tmpfs and overlays. A second
-9p share carries jobs to the guest's agent (`forecast.lab.agent`) and their results back, so one
+9p share carries jobs to the guest's agent (`forecast_lab.agent`) and their results back, so one
 boot serves many scenarios.
 """
 
@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import IO
 
 GUEST_DIR = Path(__file__).with_name("guest")
-REPO_DIR = Path(__file__).resolve().parents[2]
+# Where the packages the guest runs live: the checkout, or site-packages when the lab is
+# installed. The guest sees it through the host's root, or a share of its own (below).
+CODE_DIR = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("FORECAST_LAB_CACHE", "/var/cache/forecast-bpf/lab"))
 
 # Enough to reach the host's root over 9p; everything else loads from the host's /lib/modules.
@@ -231,13 +233,13 @@ class LabVM:
                 " forecast.init=systemd systemd.unit=forecast-lab.target systemd.show_status=false"
             )
         repo_share: list[str] = []
-        if _guest_private(REPO_DIR):
-            # A checkout under /tmp or /root is hidden by the guest's own tmpfs there: share it
-            # at the same path, so the venv's absolute paths hold inside too.
-            append += f" forecast.repo={REPO_DIR}"
+        if _guest_private(CODE_DIR):
+            # Code under /tmp or /root (a checkout there) is hidden by the guest's own tmpfs:
+            # share it at the same path, so the venv's absolute paths hold inside too.
+            append += f" forecast.repo={CODE_DIR}"
             repo_share = [
                 "-fsdev",
-                f"local,id=repo,path={REPO_DIR},security_model=none,readonly=on,multidevs=remap",
+                f"local,id=repo,path={CODE_DIR},security_model=none,readonly=on,multidevs=remap",
                 "-device",
                 "virtio-9p-pci,fsdev=repo,mount_tag=repo",
             ]
@@ -287,12 +289,11 @@ class LabVM:
         ]
 
     def _write_guest_env(self) -> None:
-        python = REPO_DIR / ".venv/bin/python"
-        if not python.exists():
-            python = Path(sys.executable)
         env = {
-            "FORECAST_REPO": str(REPO_DIR),
-            "FORECAST_PYTHON": str(python),
+            "FORECAST_REPO": str(CODE_DIR),
+            # The interpreter running this (a checkout's venv or the system's): its absolute
+            # path holds in the guest, which sees the host's root.
+            "FORECAST_PYTHON": sys.executable,
             "FORECAST_GUEST_MODULES": GUEST_MODULES,
         }
         (self.share / "guest.env").write_text(
@@ -427,7 +428,7 @@ class LabVM:
         """A path the guest can read for a host file: the guest has its own /tmp, /run and
         /root (tmpfs), so a file there is copied into the share first."""
         host_path = host_path.resolve()
-        if not _guest_private(host_path) or host_path.is_relative_to(REPO_DIR):
+        if not _guest_private(host_path) or host_path.is_relative_to(CODE_DIR):
             return host_path
         scripts = self.share / "files"
         scripts.mkdir(exist_ok=True)
@@ -449,7 +450,7 @@ class LabVM:
         jobs = self.share / "jobs"
         # Unique across every process that drives this VM (lab up, then lab exec, ...).
         job_id = f"{time.time_ns()}-{os.getpid()}"
-        spec = {"argv": argv, "env": env or {}, "timeout": timeout, "cwd": str(REPO_DIR)}
+        spec = {"argv": argv, "env": env or {}, "timeout": timeout, "cwd": str(CODE_DIR)}
         tmp = jobs / f"{job_id}.json.tmp"
         tmp.write_text(json.dumps(spec))
         os.replace(tmp, jobs / f"{job_id}.json")

@@ -1,7 +1,7 @@
 """Lab script: one forwarder (strongSwan's forecast plugin or forecast-bpf) under measured load.
 
 Run by `forecast-bpf lab bench` on the gateway of a lab whose clients are not yet connected.
-Prints one `BENCH {json}` line per measurement; forecast.lab.bench_report turns them into the
+Prints one `BENCH {json}` line per measurement; forecast_lab.bench_report turns them into the
 report. What it measures, in order:
 
 1. forecast-bpf only: daemon start → ready → first copy at a client (cold: compile; warm: a
@@ -42,10 +42,10 @@ from typing import Any
 
 import vici
 
-from forecast.lab import conns, ipsec_state, netns
-from forecast.lab.daemon_run import LabDaemon
-from forecast.lab.pktgen import Flow, Pktgen, bridged_device, multicast_mac
-from forecast.lab.topology import Host, Topology
+from forecast_lab import conns, ipsec_state, netns
+from forecast_lab.daemon_run import LabDaemon
+from forecast_lab.pktgen import Flow, Pktgen, bridged_device, multicast_mac
+from forecast_lab.topology import Host, Topology
 
 GROUP = "224.0.0.251"  # mDNS: in both forwarders' default groups
 PORT = 5353  # nobody listens here: a copy is counted by the kernel as IgnoredMulti / NoPorts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 
-from forecast.lab import netns
+from forecast_lab import netns
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import vici
 
-from forecast.lab import ipsec_state
+from forecast_lab import ipsec_state
 
 CHARON = "/usr/lib/ipsec/charon"
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from forecast.lab import netns
+from forecast_lab import netns
 
 # The calling thread's namespace (/proc/net follows the process's first thread).
 PROC = Path("/proc/thread-self/net/pktgen")

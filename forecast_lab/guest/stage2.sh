@@ -37,7 +37,7 @@ RC
      sleep 0.3
    done) &
 fi
-cd "$FORECAST_REPO" && "$FORECAST_PYTHON" -m forecast.lab.agent --share "$share" >"$share/agent.log" 2>&1
+cd "$FORECAST_REPO" && "$FORECAST_PYTHON" -m forecast_lab.agent --share "$share" >"$share/agent.log" 2>&1
 echo $? >"$share/agent.rc"
 sync
 echo o >/proc/sysrq-trigger

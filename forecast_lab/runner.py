@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from forecast.lab import capability, netns
-from forecast.lab import demo as demo_script
-from forecast.lab.lab import Lab, LabOptions
-from forecast.lab.topology import Topology
-from forecast.lab.vm import LabVM, LabVMError
+from forecast_lab import capability, netns
+from forecast_lab import demo as demo_script
+from forecast_lab.lab import Lab, LabOptions
+from forecast_lab.topology import Topology
+from forecast_lab.vm import LabVM, LabVMError
 
 # Not /run/forecast-bpf: that is the service's runtime directory, which systemd removes at stop.
 STATE_DIR = Path("/run/forecast-lab")
@@ -92,7 +92,7 @@ def run_script(
 
 
 def demo(opts: LabOptions, *, kernel: str, here: bool, out: IO[str] = sys.stdout) -> int:
-    """Bring the lab up, run the demo on its gateway (forecast.lab.demo), report."""
+    """Bring the lab up, run the demo on its gateway (forecast_lab.demo), report."""
     placement = place(here=here, libipsec=opts.libipsec)
     print(f"lab: {placement.reason}", file=out, flush=True)
     if placement.where == "vm":
@@ -287,8 +287,8 @@ QUICK_BENCH = BenchPlan(
 
 def bench_here(plan: BenchPlan, log: IO[str] = sys.stderr) -> int:
     """One lab per forwarder on this kernel, one after the other; BENCH lines on stdout."""
-    from forecast.lab import bench as bench_script
-    from forecast.lab.conns import GatewayMode
+    from forecast_lab import bench as bench_script
+    from forecast_lab.conns import GatewayMode
 
     rc = 0
     for forwarder in plan.forwarders:
@@ -321,7 +321,7 @@ class _WithoutRecords:
 def bench(plan: BenchPlan, *, kernel: str, out_dir: Path, log: IO[str] = sys.stderr) -> int:
     """Run the benchmark where the lab runs (one VM boot for both forwarders) and write the
     report into out_dir."""
-    from forecast.lab import bench_report
+    from forecast_lab import bench_report
 
     placement = place(here=False, libipsec=False)
     print(f"lab: {placement.reason}", file=log, flush=True)

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forecast.lab import conns, ipsec_state, netns
-from forecast.lab.charon import CharonError, CharonInstance
-from forecast.lab.conns import GatewayMode
-from forecast.lab.topology import Topology
+from forecast_lab import conns, ipsec_state, netns
+from forecast_lab.charon import CharonError, CharonInstance
+from forecast_lab.conns import GatewayMode
+from forecast_lab.topology import Topology
 
 DEFAULT_IF_ID = 42
 

@@ -26,7 +26,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from forecast.lab import netns
+from forecast_lab import netns
 
 WAN_PREFIXLEN = 24
 GW_WAN_ADDR = "192.168.0.1"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from forecast import netfilter
-from forecast.lab.topology import Topology
+from forecast_lab.topology import Topology
 
 PIN_DIR = Path("/sys/fs/bpf/forecast-bpf")
 XFRM_NAME = "fcxfrm0"

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forecast.lab import conns, ipsec_state, netns, traffic
-from forecast.lab.charon import CharonInstance
-from forecast.lab.pktgen import Flow, Pktgen, bridged_device, multicast_mac
-from forecast.lab.topology import Host, Topology
+from forecast_lab import conns, ipsec_state, netns, traffic
+from forecast_lab.charon import CharonInstance
+from forecast_lab.pktgen import Flow, Pktgen, bridged_device, multicast_mac
+from forecast_lab.topology import Host, Topology
 
 GROUP, PORT = "239.255.255.250", 5360
 FIRST_SOURCE_PORT = 41000  # phase i's frames come from port 41000 + i

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from ipaddress import ip_address
 from typing import Any
 
-from forecast.lab import ipsec_state, traffic
-from forecast.lab.topology import Host, Topology
+from forecast_lab import ipsec_state, traffic
+from forecast_lab.topology import Host, Topology
 
 SSDP_GROUP = "239.255.255.250"
 SSDP_GROUP6 = "ff02::c"

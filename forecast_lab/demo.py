@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import sys
 
-from forecast.lab import checks, conns, ipsec_state
-from forecast.lab.checks import CheckResult
-from forecast.lab.daemon_run import LabDaemon
-from forecast.lab.topology import Topology
+from forecast_lab import checks, conns, ipsec_state
+from forecast_lab.checks import CheckResult
+from forecast_lab.daemon_run import LabDaemon
+from forecast_lab.topology import Topology
 
 
 def _print_sas(topo: Topology) -> None:

@@ -1,7 +1,7 @@
 """Send multicast/broadcast from any lab host and count, per packet, what each host received.
 
 Every datagram carries "<tag> <seq>", so a receiver can tell exactly-once from duplicates, echoes
-and losses. Receivers and senders run as `python -m forecast.lab.traffic` inside the host's
+and losses. Receivers and senders run as `python -m forecast_lab.traffic` inside the host's
 namespace; the functions below drive them.
 """
 
@@ -182,7 +182,7 @@ def _socket4(args: argparse.Namespace) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m forecast.lab.traffic", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m forecast_lab.traffic", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("recv")
     r.add_argument("--port", type=int, required=True)
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 # -- drivers used by scripts and tests ---------------------------------------------------------
 def _in_netns(netns: str) -> list[str]:
     """This module as a program inside `netns`."""
-    return ["ip", "netns", "exec", netns, sys.executable, "-m", "forecast.lab.traffic"]
+    return ["ip", "netns", "exec", netns, sys.executable, "-m", "forecast_lab.traffic"]
 
 
 class Receiver:

@@ -7,11 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from forecast.lab import capability, runner
-from forecast.lab.conns import GatewayMode
-from forecast.lab.lab import LabOptions
-from forecast.lab.topology import MAX_CLIENTS
-from forecast.lab.vm import LabVMError
+from forecast_lab import capability, runner
+from forecast_lab.conns import GatewayMode
+from forecast_lab.lab import LabOptions
+from forecast_lab.topology import MAX_CLIENTS
+from forecast_lab.vm import LabVMError
 
 
 def _fail(msg: str) -> int:
