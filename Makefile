@@ -37,8 +37,8 @@ test-reference: venv
 	FORECAST_LAB_KERNEL=$(KERNEL) $(PYTEST) -m reference --durations=0 tests/reference
 
 lint: venv
-	$(VENV)/bin/ruff check forecast forecast_lab tests
-	$(VENV)/bin/ruff format --check forecast forecast_lab tests
+	$(VENV)/bin/ruff check forecast forecast_lab tests scripts
+	$(VENV)/bin/ruff format --check forecast forecast_lab tests scripts
 	$(VENV)/bin/mypy
 
 # The Debian package for a gateway: build/forecast-bpf_<version>_all.deb (DEB_VERSION=... for

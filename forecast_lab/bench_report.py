@@ -266,10 +266,10 @@ def markdown(summ: dict[str, Any], plots: list[str]) -> str:
 
 def plot(records: list[dict[str, Any]], out_dir: Path) -> list[str]:
     """loss-vs-rate.png and cpu-per-copy.png; returns their file names."""
-    import matplotlib  # type: ignore[import-untyped]
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # type: ignore[import-untyped]
+    import matplotlib.pyplot as plt
 
     all_series = [s for s in series(records) if s.kind == "multicast"]
     payloads = sorted({s.payload for s in all_series})

@@ -48,11 +48,11 @@ def measure(backend: str, n: int, repeat: int, ns: str) -> dict[str, float]:
     rules = netfilter.choose(backend, ns)
     base = [r for i in range(n) for r in sa_rules(i, 0x10000 + i)]
     out: dict[str, list[float]] = {k: [] for k in ("write", "rekey", "connect", "list", "remove")}
+    rekeyed = [*base[1:], sa_rules(0, 0x20000)[0]]
+    grown = [*rekeyed, *sa_rules(n, 0x30000)]
     for _ in range(repeat):
         out["write"].append(timed(lambda: rules.apply(base)))
-        rekeyed = [*base[1:], sa_rules(0, 0x20000)[0]]
         out["rekey"].append(timed(lambda: rules.apply(rekeyed, known=base)))
-        grown = [*rekeyed, *sa_rules(n, 0x30000)]
         out["connect"].append(timed(lambda: rules.apply(grown, known=rekeyed)))
         out["list"].append(timed(rules.signatures))
         out["remove"].append(timed(rules.remove))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -37,7 +38,7 @@ def terminal(text: str, out: Path) -> None:
     plt.close(fig)
 
 
-def dashboard(panels: list[dict], out: Path) -> None:
+def dashboard(panels: list[dict[str, Any]], out: Path) -> None:
     cols = 3
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 5.2, rows * 2.6), dpi=100)
