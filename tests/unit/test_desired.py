@@ -74,11 +74,15 @@ def test_data_path_entries(fixtures_dir: Path) -> None:
 
 
 def test_children_without_marks_or_our_if_id_are_ignored_with_a_reason(fixtures_dir: Path) -> None:
-    d = desired.compute(_children(fixtures_dir, "004", if_id=0), CFG, BCAST, {})
+    children = _children(fixtures_dir, "004", if_id=0)
+    d = desired.compute(children, CFG, BCAST, {})
     assert not d.rules and not d.slots and not d.routes
+    # every child ignored, each for its if_id (an empty dict would pass `all`)
+    assert sorted(d.ignored) == sorted(c.unique_id for c in children) and children
     assert all("set if_id_in = if_id_out = 42" in r for r in d.ignored.values())
     unmarked = [replace(c, mark_in=0, mark_out=0) for c in _children(fixtures_dir, "004")]
     d = desired.compute(unmarked, CFG, BCAST, {})
+    assert sorted(d.ignored) == sorted(c.unique_id for c in unmarked) and unmarked
     assert all(r.startswith("no unique mark") for r in d.ignored.values())
 
 
@@ -224,4 +228,4 @@ def test_a_peer_with_two_sas_gets_copies_through_the_newest_only(fixtures_dir: P
     assert not by_mark[old.mark_in].copies  # still in the table: its traffic is forwarded
     # Once the old one is gone, the new one alone, with copies.
     after = desired.compute([new, other], CFG, BCAST, {})
-    assert all(st.entry.copies for st in after.slots.values())
+    assert len(after.slots) == 2 and all(st.entry.copies for st in after.slots.values())
