@@ -284,8 +284,9 @@ class Daemon:
 
     def _join_groups(self, previous: dict[str, Any]) -> None:
         assert self.lan is not None
+        passed = listen_fds()
         for family, key in MEMBERSHIPS.items():
-            stored = listen_fds().get(key)
+            stored = passed.get(key)
             sock = socket.socket(fileno=stored) if stored is not None else None
             held = [ip_address(g) for g in previous.get(key, [])] if sock else []
             try:

@@ -123,7 +123,8 @@ class IptablesRules:
 
     def present(self) -> bool:
         """Is anything of ours (a chain or a jump to one) in either mangle table?"""
-        return any(chain in self._saved(tools) for tools in FAMILIES for chain in CHAINS.values())
+        saved = [self._saved(tools) for tools in FAMILIES]  # one listing per family
+        return any(chain in text for text in saved for chain in CHAINS.values())
 
     def hooked(self) -> bool:
         """Are our chains jumped to from their hooks, in both families?"""

@@ -120,6 +120,12 @@ def send_main(args: argparse.Namespace) -> int:
         print(f"send: --count must be 1..{MAX_SEND_COUNT}", file=sys.stderr)
         return 2
     sock = _socket6(args) if _is6(args.dst) else _socket4(args)
+    if args.mark:
+        # Stands in for "decrypted by the SA with this mark" in data path tests.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, args.mark)
+    if args.src:
+        # A client must send from its virtual IP, or its outbound policy does not match.
+        sock.bind((args.src, 0))
     start = time.monotonic()
     failed = 0
     dst: tuple[Any, ...] = (args.dst, args.port)
@@ -148,10 +154,6 @@ def _socket6(args: argparse.Namespace) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, args.ttl)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, args.ttl)
     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
-    if args.mark:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, args.mark)
-    if args.src:
-        sock.bind((args.src, 0))
     if args.iface:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, _ifindex(args.iface))
     return sock
@@ -164,12 +166,6 @@ def _socket4(args: argparse.Namespace) -> socket.socket:
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, args.ttl)
     # Never hear ourselves: an echo must come back through the network to be counted.
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
-    if args.mark:
-        # Stands in for "decrypted by the SA with this mark" in data path tests.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, args.mark)
-    if args.src:
-        # A client must send from its virtual IP, or its outbound policy does not match.
-        sock.bind((args.src, 0))
     if args.iface:
         mreqn = struct.pack(
             "4s4si",
