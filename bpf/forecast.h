@@ -39,7 +39,9 @@
 #define FC_DROP_GROUP_TO_LAN 8    /* a client's packet to a group not forwarded to the LAN */
 #define FC_DROP_GROUP_TO_SAS 9    /* a client's packet to a group not forwarded to other clients */
 #define FC_DROP_TTL 10            /* TTL (hop limit) 0: no sender may emit it, nor a copy */
-#define FC_DROPS 11
+#define FC_DROP_LOCAL_OUT_FULL 11 /* local-output queue full (the daemon is behind, or down) */
+#define FC_DROP_LOCAL_OUT_SIZE 12 /* a local-output copy not made: over FC_LOCAL_MAX_PACKET */
+#define FC_DROPS 13
 
 /* Per-SA drop reasons: sa_drops[slot * FC_SA_DROPS + reason]; packets from (or copies to) the
  * SA in that slot. Zeroed with the counters when a slot gets another SA. */
@@ -47,7 +49,8 @@
 #define FC_SA_DROP_GROUP_TO_LAN 1 /* from this SA, to a group clients may not send to the LAN */
 #define FC_SA_DROP_GROUP_TO_SAS 2 /* from this SA, to a group clients may not send to clients */
 #define FC_SA_DROP_CLONE 3        /* a copy to this SA the XFRM interface refused */
-#define FC_SA_DROPS 4
+#define FC_SA_DROP_LOCAL_OUT 4    /* a copy to this SA the local-output queue could not take */
+#define FC_SA_DROPS 5
 
 /* Token buckets (GCRA): buckets[slot] per source SA, buckets[FC_BUCKET_LAN] for the LAN. */
 #define FC_BUCKET_LAN FC_MAX_SAS
@@ -63,6 +66,18 @@
 /* fc_sa.flags */
 #define FC_SA_ACTIVE 0x1
 #define FC_SA_REINJECT 0x2 /* gets copies of other clients' multicast/broadcast */
+/* A mark-only SA (no if_id): its policies match only packets that take the local output path,
+ * so its copies are queued to the daemon (fc_local_out), which sends each one with the SA's
+ * mark from a raw socket (docs/design.md, The local-output path). */
+#define FC_SA_LOCAL_OUT 0x4
+
+/* The local-output queue: a ring buffer of whole IP packets, each with the target SA's mark.
+ * It is pinned, so copies queued while no daemon runs are sent by the next one. */
+#define FC_LOCAL_RING_BYTES (4 << 20)
+/* Any jumbo frame's IP packet; a larger one gets no local-output copy (counted, never cut).
+ * A power of two: the verifier takes ((len - 1) & FC_LOCAL_MASK) + 1 as a bounded length. */
+#define FC_LOCAL_MAX_PACKET 16384
+#define FC_LOCAL_MASK (FC_LOCAL_MAX_PACKET - 1)
 
 struct fc_ts {
 	__u32 addr; /* network byte order, already masked */
@@ -116,7 +131,7 @@ struct fc_config {
 	__u32 n_groups6;
 	__u32 group6_dirs[FC_MAX_GROUPS]; /* as group_dirs, for groups6 */
 	struct fc_in6 groups6[FC_MAX_GROUPS];
-	__u32 pad6; /* a whole number of 8-byte units: no hidden padding */
+	__u32 n_local_out; /* SAs with FC_SA_LOCAL_OUT: 0 spares every packet the copy into fc_local_copy */
 };
 
 /* fc_targets[fc_target_key(gen, list, i)] = slot; fc_list_len[fc_list_key(gen, list)] = n. */
@@ -137,6 +152,30 @@ struct fc_config {
 
 /* fc_marks: SA inbound mark (mark_in) → its slot, so a decrypted packet's origin is one lookup,
  * not a second scan of the table (two scans in one program exceed the verifier's budget). */
+
+/* What became of local-output copies, written by the daemon's sender (no program touches it):
+ * local_results[result], pinned like the other counters, so `status` reads it live. */
+#define FC_LOCAL_SENT 0       /* sent (encrypted by the SA's policy) */
+#define FC_LOCAL_NOT_LIVE 1   /* its SA had gone before the copy was sent */
+#define FC_LOCAL_REFUSED 2    /* dropped by the SA's guard: no policy, so never in clear */
+#define FC_LOCAL_TOO_LARGE 3  /* larger than the path MTU (raw sends do not fragment) */
+#define FC_LOCAL_UNREACHABLE 4
+#define FC_LOCAL_NO_BUFFER 5
+#define FC_LOCAL_OTHER 6      /* any other send error */
+#define FC_LOCAL_UNSUPPORTED 7 /* a family the path does not send (IPv6) */
+#define FC_LOCAL_RESULTS 8
+
+/* One local-output copy as queued (fc_local_out) and, before that, the packet as the entry
+ * program saved it (fc_local_scratch, per CPU): the walkers fill in mark and slot per target. */
+struct fc_local_copy {
+	__u32 mark; /* the target SA's mark_out: the copy's SO_MARK */
+	__u32 slot; /* the target SA's slot */
+	__u16 len;  /* bytes of packet; 0: nothing saved (too large, or no local-output SA) */
+	__u8 family;
+	__u8 pad[5];
+	__u8 packet[FC_LOCAL_MAX_PACKET]; /* the IP packet, from its IP header on */
+};
+#define FC_LOCAL_HEADER 16 /* bytes of fc_local_copy before packet */
 
 struct fc_counter {
 	__u64 packets;

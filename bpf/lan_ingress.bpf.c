@@ -6,7 +6,8 @@
  *
  * A copy must go to the XFRM interface with the SA's mark: its transmit path routes the copy,
  * looks the policy up by (mark, if_id) and encrypts. Any other device sends it in clear or not
- * at all (docs/design.md). */
+ * at all (docs/design.md). A mark-only SA's copy is queued for the daemon instead, which sends
+ * it through the local output path (FC_SA_LOCAL_OUT). */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
@@ -27,6 +28,20 @@ static __always_inline void fc_drop(u32 reason)
 	fc_drop_add(fc_drops.lookup(&reason));
 }
 
+/* Queue the kept packet for the SA in `slot`: 0, or the drop reason. */
+static __always_inline u32 fc_local_queue(struct fc_local_copy *copy, u32 mark, u32 slot)
+{
+	u32 len = copy->len;
+
+	if (!len)
+		return FC_DROP_LOCAL_OUT_SIZE; /* the entry program could not keep it: too large */
+	copy->mark = mark;
+	copy->slot = slot;
+	if (fc_local_out.ringbuf_output(copy, FC_LOCAL_HEADER + fc_local_bound(len), 0) < 0)
+		return FC_DROP_LOCAL_OUT_FULL;
+	return 0;
+}
+
 /* One chunk of the LAN list from cb[FC_CB_NEXT] on, then itself for the next chunk. `family`
  * is a constant in each walker below, so each is compiled with one selector test only. */
 static __always_inline int fc_lan_walk_family(struct __sk_buff *skb, const u32 family)
@@ -40,12 +55,13 @@ static __always_inline int fc_lan_walk_family(struct __sk_buff *skb, const u32 f
 	/* Looked up once: a copy count carried through the loop would multiply the verifier's
 	 * states by every value it can take. */
 	struct fc_counter *family_total = fc_family_counters.lookup(&family_key);
+	struct fc_local_copy *local = fc_local_scratch.lookup(&zero);
 	__u32 daddr6[4] = {};
 	u32 end;
 
 	/* Every check ahead of the loop: each branch inside it is verified once per entry, and
 	 * the walker is close to the verifier's limit (docs/design.md, Scale). */
-	if (!cfg || !count || !family_total)
+	if (!cfg || !count || !family_total || !local)
 		goto out;
 	if (family == FC_FAMILY_IPV6 &&
 	    bpf_skb_load_bytes(skb, daddr + __builtin_offsetof(struct fc_ip6hdr, daddr), daddr6,
@@ -67,6 +83,21 @@ static __always_inline int fc_lan_walk_family(struct __sk_buff *skb, const u32 f
 		if (!sa || !(sa->flags & FC_SA_ACTIVE) ||
 		    (family == FC_FAMILY_IPV6 ? !fc_sa_wants6(sa, daddr6) : !fc_sa_wants(sa, daddr)))
 			continue;
+		if (sa->flags & FC_SA_LOCAL_OUT) {
+			u32 reason = fc_local_queue(local, sa->mark_out, slot);
+
+			if (!reason) {
+				fc_count(slot, FC_DIR_LAN_TO_SA, len);
+				family_total->packets += 1;
+				family_total->bytes += len;
+			} else {
+				u32 sa_key = fc_sa_drop_key(slot, FC_SA_DROP_LOCAL_OUT);
+
+				fc_drop(reason);
+				fc_drop_add(fc_sa_drops.lookup(&sa_key));
+			}
+			continue;
+		}
 		/* Without the barrier the verifier sees a modified ctx pointer (docs/design.md). */
 		asm volatile("" : "+r"(skb));
 		skb->mark = sa->mark_out;
@@ -108,7 +139,7 @@ int fc_lan_walk6(struct __sk_buff *skb)
 static __always_inline int fc_lan_start(struct __sk_buff *skb, const struct fc_config *cfg,
 					 u32 gen, u32 family, u32 daddr, u32 len)
 {
-	u32 lan_bucket = FC_BUCKET_LAN;
+	u32 lan_bucket = FC_BUCKET_LAN, zero = 0;
 	/* One generation for the whole walk: the daemon only rewrites the other one. */
 	u32 list_key = fc_list_key(gen, FC_LIST_LAN);
 	u32 *count = fc_list_len.lookup(&list_key);
@@ -119,6 +150,7 @@ static __always_inline int fc_lan_start(struct __sk_buff *skb, const struct fc_c
 		fc_drop(FC_DROP_STORM_LAN);
 		return TC_ACT_OK;
 	}
+	fc_local_save(skb, fc_local_scratch.lookup(&zero), cfg, ETH_HLEN, len, family);
 	skb->cb[FC_CB_GEN] = gen;
 	skb->cb[FC_CB_NEXT] = 0;
 	skb->cb[FC_CB_MARK] = skb->mark;

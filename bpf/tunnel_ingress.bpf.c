@@ -3,7 +3,10 @@
  * reinjected traffic; never back to the origin. The original continues to the gateway's own
  * stack. fc_tunnel_ingress makes the LAN copy and hands the packet to its family's walker
  * (fc_tunnel_walk, fc_tunnel_walk6) for the SA copies, a chunk of the reinject list per tail
- * call (forecast.h). */
+ * call (forecast.h). A mark-only SA's copy is queued for the daemon (FC_SA_LOCAL_OUT).
+ *
+ * The same program sits on the WAN device, where a mark-only SA's decrypted traffic arrives
+ * (it has no XFRM interface to arrive on); there it takes decrypted packets only. */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
 
@@ -22,6 +25,20 @@ static __always_inline void fc_count(u32 slot, u32 dir, u32 len)
 static __always_inline void fc_drop(u32 reason)
 {
 	fc_drop_add(fc_drops.lookup(&reason));
+}
+
+/* Queue the kept packet for the SA in `slot`: 0, or the drop reason. */
+static __always_inline u32 fc_local_queue(struct fc_local_copy *copy, u32 mark, u32 slot)
+{
+	u32 len = copy->len;
+
+	if (!len)
+		return FC_DROP_LOCAL_OUT_SIZE; /* the entry program could not keep it: too large */
+	copy->mark = mark;
+	copy->slot = slot;
+	if (fc_local_out.ringbuf_output(copy, FC_LOCAL_HEADER + fc_local_bound(len), 0) < 0)
+		return FC_DROP_LOCAL_OUT_FULL;
+	return 0;
 }
 
 static __always_inline void fc_family_count(u32 family, u32 dir, u32 len)
@@ -164,12 +181,13 @@ static __always_inline int fc_tunnel_walk_family(struct __sk_buff *skb, const u3
 	/* Looked up once: a copy count carried through the loop would multiply the verifier's
 	 * states by every value it can take. */
 	struct fc_counter *family_total = fc_family_counters.lookup(&family_key);
+	struct fc_local_copy *local = fc_local_scratch.lookup(&zero);
 	__u32 daddr6[4] = {};
 	u32 end;
 
 	/* Every check ahead of the loop: each branch inside it is verified once per entry, and
 	 * the walker is close to the verifier's limit (docs/design.md, Scale). */
-	if (!cfg || !count || !family_total)
+	if (!cfg || !count || !family_total || !local)
 		goto out;
 	if (family == FC_FAMILY_IPV6 &&
 	    bpf_skb_load_bytes(skb, daddr + __builtin_offsetof(struct fc_ip6hdr, daddr), daddr6,
@@ -193,6 +211,18 @@ static __always_inline int fc_tunnel_walk_family(struct __sk_buff *skb, const u3
 		    sa->mark_in == orig_mark ||
 		    (family == FC_FAMILY_IPV6 ? !fc_sa_wants6(sa, daddr6) : !fc_sa_wants(sa, daddr)))
 			continue;
+		if (sa->flags & FC_SA_LOCAL_OUT) {
+			u32 reason = fc_local_queue(local, sa->mark_out, slot);
+
+			if (!reason) {
+				fc_count(slot, FC_DIR_SA_TO_SA, len);
+				family_total->packets += 1;
+				family_total->bytes += len;
+			} else {
+				fc_sa_drop(slot, FC_SA_DROP_LOCAL_OUT, reason);
+			}
+			continue;
+		}
 		asm volatile("" : "+r"(skb));
 		skb->mark = sa->mark_out;
 		if (bpf_clone_redirect(skb, cfg->xfrm_ifindex, 0) == 0) {
@@ -232,7 +262,7 @@ static __always_inline int fc_tunnel_copies(struct __sk_buff *skb, const struct 
 					    u32 gen, u32 family, u32 dirs, struct fc_eth *eth,
 					    u32 ttl, u32 l3, u32 where, u32 len)
 {
-	u32 orig_mark = skb->mark, origin = fc_origin(orig_mark), list_key, *count;
+	u32 orig_mark = skb->mark, origin = fc_origin(orig_mark), list_key, *count, zero = 0;
 	int to_lan = dirs & (1 << FC_DIR_SA_TO_LAN), to_sas = dirs & (1 << FC_DIR_SA_TO_SA);
 
 	if (origin >= FC_MAX_SAS) {
@@ -258,11 +288,10 @@ static __always_inline int fc_tunnel_copies(struct __sk_buff *skb, const struct 
 		return TC_ACT_OK;
 	}
 	if (to_lan && cfg->lan_ifindex) {
-		u32 moved = fc_copy_to_lan(skb, cfg, eth, l3, family, origin, len);
-
+		l3 = fc_copy_to_lan(skb, cfg, eth, l3, family, origin, len);
 		/* the IPv6 walker reads the destination where the header is now */
 		if (family == FC_FAMILY_IPV6)
-			where = moved;
+			where = l3;
 	}
 
 	/* One generation for the whole walk: the daemon only rewrites the other one. */
@@ -272,6 +301,7 @@ static __always_inline int fc_tunnel_copies(struct __sk_buff *skb, const struct 
 	skb->mark = orig_mark;
 	if (!to_sas || !count || !*count)
 		return TC_ACT_OK;
+	fc_local_save(skb, fc_local_scratch.lookup(&zero), cfg, l3, len, family);
 	skb->cb[FC_CB_GEN] = gen;
 	skb->cb[FC_CB_NEXT] = 0;
 	skb->cb[FC_CB_MARK] = orig_mark;
@@ -311,6 +341,9 @@ int fc_tunnel_ingress(struct __sk_buff *skb)
 	int bcast;
 
 	if (!cfg || !gen)
+		return TC_ACT_OK;
+	/* On the WAN device only what an SA decrypted: the rest is the WAN's own traffic. */
+	if (skb->ifindex != cfg->xfrm_ifindex && !fc_decrypted(skb))
 		return TC_ACT_OK;
 	if (skb->protocol == bpf_htons(FC_ETH_P_IPV6))
 		return fc_tunnel_ingress6(skb, cfg, *gen);

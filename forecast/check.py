@@ -16,6 +16,8 @@ from forecast.vici_source import list_sas
 class ChildReport:
     label: str
     problems: list[str] = field(default_factory=list)
+    path: str | None = None  # how its copies are sent (desired.PATH_*), None: not served
+    notes: list[str] = field(default_factory=list)  # worth knowing, nothing to fix
 
 
 def _inbound_output_marks() -> dict[int, int]:
@@ -40,8 +42,19 @@ def run(cfg: Config) -> list[ChildReport]:
     for child in table.active():
         # What the daemon ignores it for, worded once (desired.py), then what only the kernel
         # can tell.
-        report = ChildReport(child.label, desired.what_is_missing(child, cfg))
-        if child.marked and output_marks.get(child.spi_in, 0) != child.mark_in:
+        path = desired.path_of(child, cfg)
+        report = ChildReport(
+            child.label,
+            desired.what_is_missing(child, cfg),
+            path,
+            desired.path_notes(child, cfg),
+        )
+        # The plugin's configuration has no set_mark_in; the daemon's ESP rule marks instead.
+        if (
+            path != desired.PATH_LOCAL_OUT
+            and child.marked
+            and output_marks.get(child.spi_in, 0) != child.mark_in
+        ):
             report.problems.append(
                 "decrypted packets do not carry the SA's mark: set set_mark_in = %same "
                 "(kernel >= 4.19); without it only the daemon's ESP MARK rule marks them"

@@ -159,7 +159,8 @@ COMMANDS = (
         "check",
         "tell, child by child, what strongSwan's live SAs lack",
         "Read charon's live CHILD_SAs over VICI and say, for each, what forecast-bpf needs and\n"
-        "it lacks (mark, if_id, set_mark_in, a multicast or broadcast selector).\n\n"
+        "it lacks (mark, if_id, set_mark_in, a multicast or broadcast selector), and which path\n"
+        "its copies take: xfrm (if_id set) or local-out (mark only, as the plugin).\n\n"
         "exit codes: 0 every child ready (or none up), 1 some need changes, 2 bad\n"
         "configuration or charon unreachable",
     ),

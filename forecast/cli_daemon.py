@@ -160,7 +160,9 @@ def run_check(args: argparse.Namespace) -> int:
             for p in r.problems:
                 print(f"         - {p}")
         else:
-            print(f"OK       {r.label}")
+            print(f"OK       {r.label} (path: {r.path})")
+        for note in r.notes:
+            print(f"         note: {note}")
     print(f"{len(reports) - bad} ready, {bad} need changes")
     return 1 if bad else 0
 

@@ -21,6 +21,9 @@ DEFAULT_GROUPS = ("224.0.0.1", "224.0.0.22", "224.0.0.251", "224.0.0.252", "239.
 DEFAULT_GROUPS6 = ("ff02::fb", "ff02::1:3", "ff02::c")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NETFILTER_BACKENDS = ("auto", "nftables", "iptables")
+# What to do with a mark-only SA (the plugin's configuration: no if_id): serve it through the
+# local output path, or leave it alone.
+MARK_ONLY_CHOICES = ("local-out", "ignore")
 IFNAMSIZ = 15
 
 
@@ -90,6 +93,9 @@ class Config:
     log_level: str = "info"
     # Where the MARK rules go: "nftables", "iptables" or "auto" (what the host uses).
     netfilter: str = "auto"
+    # Mark-only SAs (no if_id): "local-out" (copies from a raw socket with the SA's mark, as the
+    # plugin sends them) or "ignore".
+    mark_only_sas: str = "local-out"
     pin_dir: Path = Path("/sys/fs/bpf/forecast-bpf")
     # What `status` reads besides the pinned maps: which SA each slot holds.
     state_file: Path = Path("/run/forecast-bpf/state.json")
@@ -307,6 +313,7 @@ PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "metrics_per_sa": _bool,
     "log_level": lambda where, value: _one_of(where, value, LOG_LEVELS),
     "netfilter": lambda where, value: _one_of(where, value, NETFILTER_BACKENDS),
+    "mark_only_sas": lambda where, value: _one_of(where, value, MARK_ONLY_CHOICES),
     "pin_dir": _path,
     "state_file": _path,
 }

@@ -33,6 +33,7 @@ from forecast import bpf_build, config, desired, links, metrics, netfilter, tc
 from forecast.config import Config
 from forecast.datapath import Datapath, DatapathConfig, SaEntry, remove_pins
 from forecast.layout import FC_MAX_SAS
+from forecast.local_out import LocalOutSender
 from forecast.sa import Change, PayloadError, SaTable
 from forecast.systemd import Notifier, listen_fds, process_age
 from forecast.vici_source import BACKOFF_S, EventStream, ViciUnavailable, list_sas
@@ -77,6 +78,7 @@ def _slot_doc(state: desired.SlotState) -> dict[str, Any]:
         "spi_out": f"{c.spi_out:08x}",
         "reinject": state.entry.reinject,
         "selectors": [str(t) for t in state.entry.selectors],
+        "path": desired.PATH_LOCAL_OUT if state.entry.local_out else desired.PATH_XFRM,
     }
 
 
@@ -139,6 +141,9 @@ class Daemon:
         self._xfrm_given = xfrm
         self.xfrm: links.XfrmInterface | None = xfrm
         self.lan: links.LanInterface | None = None
+        self.wan_index = 0  # the device mark-only SAs' traffic arrives on (the XFRM's lower)
+        self.local_out: LocalOutSender | None = None  # mark-only SAs' copies, when served
+        self.local_out_sas = 0  # what the data path's config says (n_local_out)
         self.datapath: Datapath | None = None
         self.rules: netfilter.RuleSet | None = None
         self.memberships: dict[int, links.GroupMemberships] = {}
@@ -194,6 +199,7 @@ class Daemon:
                     dev,
                     "ours" if self.xfrm.created else "the operator's: kept at stop",
                 )
+            self.wan_index = self._wan_index()
             self._load_datapath()
             self._attach_filters()
             self._join_groups(previous)
@@ -212,6 +218,18 @@ class Daemon:
             self.teardown(ExitMode.HANDOVER if inherited else ExitMode.STOP)
             raise
 
+    def _wan_index(self) -> int:
+        """The device mark-only SAs' traffic arrives on: the XFRM interface's (xfrm.dev or the
+        default route's). 0: none, so no local output path (said once)."""
+        if self.cfg.mark_only_sas != desired.PATH_LOCAL_OUT:
+            return 0
+        try:
+            return socket.if_nametoindex(self.cfg.xfrm.dev or links.default_route_device())
+        except (OSError, links.LinkError) as exc:
+            log.warning("mark-only SAs left alone (no local output path): %s", exc)
+            self.cfg = dataclasses.replace(self.cfg, mark_only_sas="ignore")
+            return 0
+
     def _datapath_config(self) -> DatapathConfig:
         assert self.lan and self.xfrm
         clients = config.client_groups_for(self.cfg)
@@ -225,6 +243,7 @@ class Daemon:
             client_groups_to_sas=clients.to_clients,
             lan_rate=self.cfg.storm_guard.lan,
             sa_rate=self.cfg.storm_guard.per_sa,
+            local_out_sas=self.local_out_sas,
         )
 
     def _load_datapath(self) -> None:
@@ -244,6 +263,11 @@ class Daemon:
         if self.written:
             log.info("adopted %d SA slots from the pinned maps", len(self.written))
         self.hooks = {"lan": self.lan.index, "tunnel": self.xfrm.index}
+        if self.wan_index and self.wan_index != self.lan.index:
+            # Mark-only SAs' decrypted traffic arrives on the WAN device; their copies leave
+            # from a raw socket, sent once the first reconcile has put their guards in place.
+            self.hooks["wan"] = self.wan_index
+            self.local_out = LocalOutSender(dp.maps_dir, self.wan_index)
 
     def _attach_filters(self) -> None:
         dp = self.datapath
@@ -258,7 +282,7 @@ class Daemon:
                 # program keeps forwarding with the old maps until then.
                 self.swap_pending.add(role)
             else:
-                tc.attach(ifindex, dp.fds[role], want)
+                tc.attach(ifindex, dp.fd_for(role), want)
                 log.info(
                     "filter %s on ifindex %d %s",
                     want,
@@ -272,7 +296,7 @@ class Daemon:
         dp = self.datapath
         assert dp is not None
         for role in sorted(self.swap_pending):
-            tc.attach(self.hooks[role], dp.fds[role], dp.filter_name(role))
+            tc.attach(self.hooks[role], dp.fd_for(role), dp.filter_name(role))
             log.info("filter %s swapped in (maps filled)", dp.filter_name(role))
         self.swap_pending.clear()
         self._prune()
@@ -323,6 +347,13 @@ class Daemon:
         marks = [time.monotonic()]  # where an apply spends its time (debug log)
         try:
             dp = self.datapath
+            if self.local_out is not None:
+                # No copy of a going SA from here on: its guard may go below.
+                self.local_out.retain(d.local_out_marks)
+            local_out_sas = sum(st.entry.local_out for st in d.slots.values())
+            if local_out_sas != self.local_out_sas:
+                self.local_out_sas = local_out_sas
+                dp.write_config(self._datapath_config())
             for slot, state in d.slots.items():
                 if self.written.get(slot) != state.entry:
                     dp.write_sa(slot, state.entry)
@@ -343,6 +374,11 @@ class Daemon:
                 self.rules_applied = list(d.rules)
                 if whole:
                     self._clear_other_backends()
+            if self.local_out is not None:
+                # Every guard in place: these marks' copies may go.
+                self.local_out.allow(d.local_out_marks)
+                if not self.local_out.started:
+                    self.local_out.start()
             marks.append(time.monotonic())
             if self.routes_applied is None or set(d.routes) != self.routes_applied:
                 added, removed = links.sync_routes(
@@ -403,7 +439,7 @@ class Daemon:
         for role, ifindex in self.hooks.items():
             if role not in self.swap_pending and tc.our_filter(ifindex) != dp.filter_name(role):
                 log.warning("filter on ifindex %d is gone or foreign: attaching it again", ifindex)
-                tc.attach(ifindex, dp.fds[role], dp.filter_name(role))
+                tc.attach(ifindex, dp.fd_for(role), dp.filter_name(role))
 
     # -- reload -----------------------------------------------------------------------------
     def reload(self) -> None:
@@ -478,6 +514,7 @@ class Daemon:
             "netfilter": self.rules.detail if self.rules else None,
             "lost_after_datapath": self.lost.count,
             "ignored": {str(k): v for k, v in self.last_desired.ignored.items()},
+            "local_out": self.local_out is not None,
             "slots": slots,
         }
         path = self.cfg.state_file
@@ -647,6 +684,10 @@ class Daemon:
             else "restarting: the data path keeps forwarding"
         )
         steps: list[tuple[str, Callable[[], object]]] = []
+        if self.local_out is not None:
+            sender = self.local_out
+            # Copies still queued stay in the pinned ring for the next daemon (a hand-over).
+            steps.append(("local-output sender", sender.stop))
         if self.metrics_server is not None:
             server = self.metrics_server
             steps.append(("metrics server", lambda: (server.shutdown(), server.server_close())))
@@ -683,6 +724,7 @@ class Daemon:
                 log.error("teardown: %s: %s", what, exc)
         self.hooks.clear()
         self.memberships = {}
+        self.local_out = None
         self.rules = self.datapath = self.metrics_server = None
         self.xfrm = self._xfrm_given
 

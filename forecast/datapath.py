@@ -5,7 +5,8 @@ ctypes. Everything here mirrors bpf/forecast.h through forecast.layout.
 
 What lives under `pin_dir` (a bpffs directory), and why it outlives the daemon:
   maps-<L>/{config,sas,marks,counters,drops,     L: digest of the map layout (forecast.h, maps.h)
-            sa_drops,families,buckets,targets,list_len,gen}
+            sa_drops,families,buckets,targets,list_len,gen,
+            local_out,local_scratch}                local_out: copies queued for the daemon
   prog-<P>-lan, prog-<P>-tunnel                   P: digest of every BPF source, the kernel, bcc
   chain-<P>-lan, chain-<P>-tunnel                 each program's walkers (IPv4, IPv6): tail calls
 The tc filters hold the programs and the programs the maps, so forwarding goes on while no
@@ -40,6 +41,9 @@ PROGRAMS = {
     "lan": ("lan_ingress.bpf.c", "fc_lan_ingress", ("fc_lan_walk", "fc_lan_walk6")),
     "tunnel": ("tunnel_ingress.bpf.c", "fc_tunnel_ingress", ("fc_tunnel_walk", "fc_tunnel_walk6")),
 }
+# where a filter sits (the daemon's hooks) → the program it runs: the tunnel program also on the
+# WAN device, for mark-only SAs' decrypted traffic (it arrives there, not on the XFRM interface)
+HOOK_PROGRAMS = {"lan": "lan", "tunnel": "tunnel", "wan": "tunnel"}
 MAP_NAMES = (
     "config",
     "sas",
@@ -52,6 +56,7 @@ MAP_NAMES = (
     "targets",
     "list_len",
     "gen",
+    "local_out",
 )
 NO_LIMIT = RateLimit(0, 0)
 # The map definitions: a change here needs new maps; any other source change only new programs.
@@ -78,6 +83,9 @@ class DatapathConfig:
     client_groups_to_sas: tuple[Address, ...] | None = None
     lan_rate: RateLimit = NO_LIMIT
     sa_rate: RateLimit = NO_LIMIT
+    # SAs served by the local output path: none spares every packet a copy into the queue's
+    # scratch buffer
+    local_out_sas: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,9 @@ class SaEntry:
     # False: in the table (its decrypted traffic is forwarded and counted) but on no target
     # list, because a newer SA to the same peer takes the copies (desired.py). Not in the map.
     copies: bool = True
+    # A mark-only SA (no if_id): copies are queued to the daemon, which sends them through the
+    # local output path with mark_out (forecast/local_out.py).
+    local_out: bool = False
 
 
 @dataclass
@@ -163,6 +174,7 @@ def encode_config(cfg: DatapathConfig) -> layout.FcConfig:
     out.lan_mac[:] = list(cfg.lan_mac)
     out.lan_rate = encode_rate(cfg.lan_rate)
     out.sa_rate = encode_rate(cfg.sa_rate)
+    out.n_local_out = cfg.local_out_sas
     return out
 
 
@@ -178,7 +190,11 @@ def encode_sa(sa: SaEntry) -> layout.FcSa:
     if not sa.mark_out or not sa.mark_in:
         raise DatapathError("an SA in the data path needs non-zero in and out marks")
     out = layout.FcSa()
-    out.flags = layout.FC_SA_ACTIVE | (layout.FC_SA_REINJECT if sa.reinject else 0)
+    out.flags = (
+        layout.FC_SA_ACTIVE
+        | (layout.FC_SA_REINJECT if sa.reinject else 0)
+        | (layout.FC_SA_LOCAL_OUT if sa.local_out else 0)
+    )
     out.mark_out, out.mark_in = sa.mark_out, sa.mark_in
     out.n_ts, out.n_ts6 = len(ts4), len(ts6)
     for i, net in enumerate(ts4):
@@ -208,6 +224,7 @@ def decode_sa(value: layout.FcSa) -> SaEntry | None:
         int(value.mark_in),
         tuple(selectors),
         bool(value.flags & layout.FC_SA_REINJECT),
+        local_out=bool(value.flags & layout.FC_SA_LOCAL_OUT),
     )
 
 
@@ -266,8 +283,11 @@ class Datapath:
     def _pins(self) -> list[Path]:
         return [pin(role) for role in PROGRAMS for pin in (self._prog_pin, self._chain_pin)]
 
-    def filter_name(self, role: str) -> str:
-        return filter_name(PROGRAMS[role][1], self.digest)
+    def filter_name(self, hook: str) -> str:
+        return filter_name(PROGRAMS[HOOK_PROGRAMS[hook]][1], self.digest)
+
+    def fd_for(self, hook: str) -> int:
+        return self.fds[HOOK_PROGRAMS[hook]]
 
     def load(self) -> None:
         """Adopt this build's pinned programs, or compile and pin them; open the maps."""

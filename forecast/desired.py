@@ -36,12 +36,16 @@ class RuleMatch:
 
 @dataclass(frozen=True)
 class MarkRule:
-    """One MARK rule of ours: `chain` is the hook, PREROUTING or OUTPUT."""
+    """One rule of ours: `chain` is the hook. A MARK rule (PREROUTING, OUTPUT) sets `mark` on
+    what `match` matches; a guard (POSTROUTING, action "drop") drops multicast and broadcast
+    that carry `mark` and leave without IPsec, so a local-output copy whose SA just went is
+    never sent in clear."""
 
     chain: str
     match: RuleMatch
     mark: int
     comment: str
+    action: str = "mark"  # or "drop": a guard
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,8 @@ class Desired:
     slots: dict[int, SlotState] = field(default_factory=dict)
     rules: list[MarkRule] = field(default_factory=list)
     routes: list[Network] = field(default_factory=list)
+    # outbound marks whose copies go through the local output path (each has its guard rule)
+    local_out_marks: set[int] = field(default_factory=set)
     # child unique id → why forecast-bpf leaves it alone (logged once, shown by `check`)
     ignored: dict[int, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -103,18 +109,63 @@ def forwarded_selectors(child: ChildSa, lan_broadcast: IPv4Address | None) -> tu
     return tuple(ts for ts in child.remote_ts if forwards_to(ts, lan_broadcast))
 
 
+PATH_XFRM = "xfrm"  # clones to the XFRM interface (if_id_in = if_id_out = the interface's)
+PATH_LOCAL_OUT = "local-out"  # mark-only: the daemon's raw socket with the SA's mark
+
+
+def is_mark_only(child: ChildSa) -> bool:
+    """The plugin's configuration: unique marks and no if_id at all."""
+    return child.if_id_in == 0 and child.if_id_out == 0
+
+
+def path_of(child: ChildSa, cfg: Config) -> str | None:
+    """How this child's copies are sent, or None when it is not served (what_is_missing)."""
+    if not child.marked:
+        return None
+    if child.if_id_in == cfg.xfrm.if_id and child.if_id_out == cfg.xfrm.if_id:
+        return PATH_XFRM
+    if is_mark_only(child) and cfg.mark_only_sas == PATH_LOCAL_OUT:
+        return PATH_LOCAL_OUT
+    return None
+
+
 def what_is_missing(child: ChildSa, cfg: Config) -> list[str]:
     """What keeps forecast-bpf from serving this child, each with what to set (the daemon's
     log and `status` give them as why it is ignored, `check` lists them)."""
     missing = []
     if not child.marked:
         missing.append("no unique mark (set mark_in = mark_out = %unique, or mark = %unique)")
-    if child.if_id_in != cfg.xfrm.if_id or child.if_id_out != cfg.xfrm.if_id:
-        missing.append(
-            f"if_id in/out {child.if_id_in}/{child.if_id_out}, the XFRM interface has "
-            f"{cfg.xfrm.if_id} (set if_id_in = if_id_out = {cfg.xfrm.if_id})"
-        )
+    if path_of(child, cfg) is None and (
+        child.if_id_in != cfg.xfrm.if_id or child.if_id_out != cfg.xfrm.if_id
+    ):
+        if is_mark_only(child):
+            missing.append(
+                f"no if_id and mark_only_sas is {cfg.mark_only_sas!r} (set "
+                f"if_id_in = if_id_out = {cfg.xfrm.if_id}, or mark_only_sas: local-out)"
+            )
+        else:
+            missing.append(
+                f"if_id in/out {child.if_id_in}/{child.if_id_out}, the XFRM interface has "
+                f"{cfg.xfrm.if_id} (set if_id_in = if_id_out = {cfg.xfrm.if_id})"
+            )
     return missing
+
+
+def path_notes(child: ChildSa, cfg: Config) -> list[str]:
+    """What an operator should know about a served child's path (`check`)."""
+    if path_of(child, cfg) != PATH_LOCAL_OUT:
+        return []
+    notes = [
+        "served by the local output path (mark only, as the plugin): each copy costs the "
+        f"daemon a send; if_id_in = if_id_out = {cfg.xfrm.if_id} moves it to the faster "
+        "XFRM-interface path"
+    ]
+    if any(ts.version == 6 and forwards_to(ts, None) for ts in child.remote_ts):
+        notes.append(
+            "IPv6 multicast is not forwarded on the local output path (set "
+            f"if_id_in = if_id_out = {cfg.xfrm.if_id} for IPv6)"
+        )
+    return notes
 
 
 def why_ignored(child: ChildSa, cfg: Config) -> str | None:
@@ -172,6 +223,11 @@ def _inbound_rule(child: ChildSa) -> MarkRule | None:
 
 
 @lru_cache(maxsize=CACHE_SIZE)
+def _guard_rule(child: ChildSa) -> MarkRule:
+    return MarkRule("POSTROUTING", RuleMatch(), child.mark_out, _comment(child), action="drop")
+
+
+@lru_cache(maxsize=CACHE_SIZE)
 def _unicast_rules(child: ChildSa, lan_broadcast: IPv4Address | None) -> tuple[MarkRule, ...]:
     """Traffic to the client's unicast selectors gets its outbound mark, whether forwarded
     (PREROUTING) or from the gateway itself (OUTPUT)."""
@@ -206,31 +262,43 @@ def compute(
             )
     else:
         desired.waiting = left_out
-    seen_rules: set[tuple[str, RuleMatch]] = set()
+    # a MARK rule once per (hook, match); a guard once per mark
+    seen_rules: set[tuple[str, RuleMatch, int]] = set()
     routed: set[Network] = set()
 
     def add_rule(rule: MarkRule | None) -> None:
-        if rule and (rule.chain, rule.match) not in seen_rules:
-            seen_rules.add((rule.chain, rule.match))
+        if rule is None:
+            return
+        key = (rule.chain, rule.match, rule.mark if rule.action == "drop" else 0)
+        if key not in seen_rules:
+            seen_rules.add(key)
             desired.rules.append(rule)
 
     for mark in sorted(by_mark):
         # Newest first: a settled child before the one it replaced.
         group = sorted(by_mark[mark], key=lambda c: (c.retire_at is not None, -c.unique_id))
         current = group[0]
+        local_out = path_of(current, cfg) == PATH_LOCAL_OUT
         for child in group:
             add_rule(_inbound_rule(child))
+        if local_out:
+            # Before the slot is listed, and removed only after the last copy with this mark
+            # (forecast/local_out.py): a copy whose SA just went is dropped, not sent in clear.
+            add_rule(_guard_rule(current))
+            desired.local_out_marks.add(current.mark_out)
         if current.retire_at is None:
             for rule in _unicast_rules(current, lan_broadcast):
                 add_rule(rule)
-            for ts in unicast_selectors(current, lan_broadcast):
+            # charon routes a mark-only child's selectors itself (it has no if_id)
+            for ts in () if local_out else unicast_selectors(current, lan_broadcast):
                 if ts not in routed:
                     routed.add(ts)
                     desired.routes.append(ts)
         if mark not in slots:
             continue
         selectors: list[Network] = []
-        for version in (4, 6):
+        # the local output path sends IPv4 only
+        for version in (4,) if local_out else (4, 6):
             mine = [
                 ts for ts in forwarded_selectors(current, lan_broadcast) if ts.version == version
             ]
@@ -245,6 +313,7 @@ def compute(
             mark_in=current.mark_in,
             selectors=tuple(selectors),
             reinject=current.child_name in cfg.reinject,
+            local_out=local_out,
         )
         desired.slots[slots[mark]] = SlotState(slots[mark], entry, tuple(group))
     _one_copy_per_peer(desired)

@@ -32,6 +32,11 @@ FC_GENS = 2
 
 FC_SA_ACTIVE = 0x1
 FC_SA_REINJECT = 0x2
+FC_SA_LOCAL_OUT = 0x4
+FC_LOCAL_RING_BYTES = 4 << 20
+FC_LOCAL_MAX_PACKET = 16384
+FC_LOCAL_MASK = FC_LOCAL_MAX_PACKET - 1
+FC_LOCAL_HEADER = 16
 
 
 class Direction(IntEnum):
@@ -55,6 +60,8 @@ class DropReason(IntEnum):
     GROUP_TO_LAN = 8
     GROUP_TO_SAS = 9
     TTL = 10
+    LOCAL_OUT_FULL = 11
+    LOCAL_OUT_SIZE = 12
 
 
 FC_DROPS = len(DropReason)
@@ -65,9 +72,26 @@ class SaDropReason(IntEnum):
     GROUP_TO_LAN = 1
     GROUP_TO_SAS = 2
     CLONE = 3
+    LOCAL_OUT = 4
 
 
 FC_SA_DROPS = len(SaDropReason)
+
+
+class LocalResult(IntEnum):
+    """What became of a local-output copy (the daemon's sender counts, status reads)."""
+
+    SENT = 0
+    NOT_LIVE = 1
+    REFUSED = 2
+    TOO_LARGE = 3
+    UNREACHABLE = 4
+    NO_BUFFER = 5
+    OTHER = 6
+    UNSUPPORTED = 7
+
+
+FC_LOCAL_RESULTS = len(LocalResult)
 FC_BUCKET_LAN = FC_MAX_SAS
 FC_BUCKETS = FC_MAX_SAS + 1
 
@@ -120,7 +144,20 @@ class FcConfig(ctypes.Structure):
         ("n_groups6", ctypes.c_uint32),
         ("group6_dirs", ctypes.c_uint32 * FC_MAX_GROUPS),
         ("groups6", FcIn6 * FC_MAX_GROUPS),
-        ("pad6", ctypes.c_uint32),
+        ("n_local_out", ctypes.c_uint32),
+    )
+
+
+class FcLocalCopy(ctypes.Structure):
+    """One local-output record: FC_LOCAL_HEADER bytes, then `len` bytes of packet."""
+
+    _fields_ = (
+        ("mark", ctypes.c_uint32),
+        ("slot", ctypes.c_uint32),
+        ("len", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
+        ("packet", ctypes.c_uint8 * FC_LOCAL_MAX_PACKET),
     )
 
 

@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 
 from forecast import __version__, layout
 from forecast.layout import DIRECTION_NAMES, FAMILY_NAMES, DropReason
+from forecast.local_out import RESULT_NAMES
 
 if TYPE_CHECKING:
     from forecast.daemon import Daemon
@@ -181,6 +182,28 @@ class ForecastCollector(Collector):
             value=d.lost.count,
         )
 
+        local = CounterMetricFamily(
+            "forecast_local_out_copies",
+            "Copies for mark-only SAs sent from the daemon's raw socket, by result: sent; "
+            "not_live (its SA had gone); refused (a guard dropped it: no IPsec policy); "
+            "too_large, unreachable, no_buffer, other (the send failed); unsupported (IPv6)",
+            labels=["result"],
+        )
+        summary = d.local_out.summary() if d.local_out is not None else None
+        for name in RESULT_NAMES.values():
+            local.add_metric([name], summary.copies[name] if summary else 0)
+        yield local
+        yield GaugeMetricFamily(
+            "forecast_local_out_queued_bytes",
+            "Bytes of copies queued for the daemon's raw socket and not yet sent",
+            value=summary.queued_bytes if summary else 0,
+        )
+        yield GaugeMetricFamily(
+            "forecast_local_out_sas",
+            "SAs on the local output path (mark only, no if_id)",
+            value=sum(st.entry.local_out for st in slots.values()),
+        )
+
         h = d.health
         yield GaugeMetricFamily(
             "forecast_vici_connected",
@@ -198,7 +221,8 @@ class ForecastCollector(Collector):
         )
         yield GaugeMetricFamily(
             "forecast_ignored_sas",
-            "CHILD_SAs left alone (no mark or another if_id)",
+            "CHILD_SAs left alone (no mark, another if_id, or mark-only with mark_only_sas: "
+            "ignore)",
             value=len(d.last_desired.ignored),
         )
         yield GaugeMetricFamily(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from forecast import layout
-from forecast.layout import Direction, DropReason, Family, SaDropReason
+from forecast.layout import Direction, DropReason, Family, LocalResult, SaDropReason
 
 _lib: ctypes.CDLL | None = None
 BPF_ANY = 0
@@ -269,9 +269,11 @@ class PinnedCounters:
         drops: PinnedMap,
         sa_drops: PinnedMap,
         families: PinnedMap | None,
+        local_results: PinnedMap | None = None,
     ) -> None:
         self.counters, self.drops, self.sa_drops = counters, drops, sa_drops
         self.families = families
+        self.local_results = local_results
         self.ncpu = possible_cpus()
 
     @classmethod
@@ -286,9 +288,12 @@ class PinnedCounters:
             raise
         # The maps of a daemon from before the per-family totals (`status` of a new package
         # while the old daemon still runs, in an upgrade) have none: no totals, not an error.
-        families = PinnedMap(maps_dir / "families") if (maps_dir / "families").exists() else None
+        optional = {
+            name: PinnedMap(maps_dir / name) if (maps_dir / name).exists() else None
+            for name in ("families", "local_results")
+        }
         counters, drops, sa_drops = opened
-        return cls(counters, drops, sa_drops, families)
+        return cls(counters, drops, sa_drops, optional["families"], optional["local_results"])
 
     def slot(self, slot: int) -> dict[Direction, tuple[int, int]]:
         out = {}
@@ -365,9 +370,18 @@ class PinnedCounters:
                 out[f][d] = (sum(c.packets for c in v), sum(c.bytes for c in v))
         return out
 
+    def local_counts(self) -> dict[LocalResult, int]:
+        """Local-output copies by result (the daemon's sender writes them); empty for maps
+        made before the local output path."""
+        if self.local_results is None:
+            return {}
+        values = self.local_results.dump(layout.FC_LOCAL_RESULTS, ctypes.c_uint64)
+        return {r: int(values[r]) for r in LocalResult}
+
     def close(self) -> None:
         self.counters.close()
         self.drops.close()
         self.sa_drops.close()
-        if self.families is not None:
-            self.families.close()
+        for optional in (self.families, self.local_results):
+            if optional is not None:
+                optional.close()

@@ -21,7 +21,9 @@ from forecast.desired import MarkRule, RuleMatch
 from forecast.nf_exec import NetfilterError, Signature
 from forecast.nf_exec import run as _run
 
-CHAINS = {"PREROUTING": "FORECAST-PRE", "OUTPUT": "FORECAST-OUT"}
+CHAINS = {"PREROUTING": "FORECAST-PRE", "OUTPUT": "FORECAST-OUT", "POSTROUTING": "FORECAST-POST"}
+# A guard (desired.MarkRule): multicast/broadcast with the mark, leaving without IPsec, dropped.
+GUARD_MATCH = "-m policy --dir out --pol none -m addrtype --dst-type BROADCAST,MULTICAST"
 HOOK_OF = {chain: hook for hook, chain in CHAINS.items()}
 RESTORE, SAVE, IPTABLES = "iptables-restore", "iptables-save", "iptables"
 
@@ -70,6 +72,11 @@ def render_match(m: RuleMatch) -> str:
 
 
 def render_rule(rule: MarkRule) -> str:
+    if rule.action == "drop":
+        return (
+            f"-A {CHAINS[rule.chain]} -m mark --mark {rule.mark:#x} {GUARD_MATCH} -m comment "
+            f'--comment "{rule.comment}" -j DROP'
+        )
     return (
         f"-A {CHAINS[rule.chain]} {render_match(rule.match)} -m comment --comment "
         f'"{rule.comment}" -j MARK --set-xmark {rule.mark:#x}/0xffffffff'
@@ -92,6 +99,10 @@ def render_delta(old: Sequence[MarkRule], new: Sequence[MarkRule]) -> str | None
 
 _SAVED = re.compile(
     r"^-A (\S+) .*--comment (?:\"([^\"]*)\"|(\S+)) -j MARK --set-xmark (0x[0-9a-f]+)/0xffffffff$"
+)
+_SAVED_GUARD = re.compile(
+    rf"^-A (\S+) -m mark --mark (0x[0-9a-f]+) {GUARD_MATCH} -m comment --comment "
+    r"(?:\"([^\"]*)\"|(\S+)) -j DROP$"
 )
 
 
@@ -166,13 +177,14 @@ class IptablesRules:
         """Our chains' rules as (hook, comment, mark), to compare with what was applied."""
         out: Counter[Signature] = Counter()
         for line in self.current():
-            m = _SAVED.match(line)
+            m, g = _SAVED.match(line), _SAVED_GUARD.match(line)
             # A line of another shape in our chains is someone else's: counted as such.
-            out[
-                (HOOK_OF[m[1]], m[2] if m[2] is not None else m[3], int(m[4], 16))
-                if m and m[1] in HOOK_OF
-                else ("?", line, 0)
-            ] += 1
+            if m and m[1] in HOOK_OF:
+                out[(HOOK_OF[m[1]], m[2] if m[2] is not None else m[3], int(m[4], 16))] += 1
+            elif g and g[1] in HOOK_OF:
+                out[(HOOK_OF[g[1]], g[3] if g[3] is not None else g[4], int(g[2], 16))] += 1
+            else:
+                out[("?", line, 0)] += 1
         return out
 
     def holds(self, expected: Counter[Signature]) -> bool:

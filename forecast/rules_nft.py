@@ -8,7 +8,8 @@ included) are other writers', and removing ours is one `delete table`.
 
 Chains: `prerouting` (filter) and `output` (type route: a mark set there reroutes the packet, as
 iptables' mangle OUTPUT does), both at priority mangle - 1, so our marks are set before any
-other mangle rule looks at the packet, as the plugin's rules inserted first in mangle are.
+other mangle rule looks at the packet, as the plugin's rules inserted first in mangle are;
+`postrouting` (filter) holds the local-output path's guards (desired.MarkRule).
 The input is JSON, so no name ever passes through nft's parser as syntax.
 """
 
@@ -26,9 +27,20 @@ from forecast.nf_exec import run as _run
 
 FAMILY, TABLE = "inet", "forecast_bpf"
 PRIORITY = -151  # mangle - 1
-CHAINS = {"PREROUTING": "prerouting", "OUTPUT": "output"}
+CHAINS = {"PREROUTING": "prerouting", "OUTPUT": "output", "POSTROUTING": "postrouting"}
 HOOK_OF = {chain: hook for hook, chain in CHAINS.items()}
-CHAIN_TYPE = {"prerouting": "filter", "output": "route"}
+CHAIN_TYPE = {"prerouting": "filter", "output": "route", "postrouting": "filter"}
+# A guard (desired.MarkRule): multicast/broadcast leaving without IPsec, with the mark, dropped.
+GUARD_MATCH: list[dict[str, Any]] = [
+    {"match": {"op": "==", "left": {"rt": {"key": "ipsec"}}, "right": False}},
+    {
+        "match": {
+            "op": "==",
+            "left": {"fib": {"result": "type", "flags": ["daddr"]}},
+            "right": {"set": ["broadcast", "multicast"]},
+        }
+    },
+]
 NFT = "nft"
 # nft reads `-f -` from /dev/stdin, which a minimal /dev (an initramfs, a container) may lack.
 STDIN = "/proc/self/fd/0"
@@ -67,15 +79,24 @@ def render_match(m: RuleMatch) -> list[dict[str, Any]]:
 
 
 def _rule_object(rule: MarkRule) -> dict[str, Any]:
+    if rule.action == "drop":
+        expr = [
+            {"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": rule.mark}},
+            *GUARD_MATCH,
+            {"counter": None},  # what a guard dropped shows in `nft list`
+            {"drop": None},
+        ]
+    else:
+        expr = [
+            *render_match(rule.match),
+            {"mangle": {"key": {"meta": {"key": "mark"}}, "value": rule.mark}},
+        ]
     return {
         "family": FAMILY,
         "table": TABLE,
         "chain": CHAINS[rule.chain],
         "comment": rule.comment,
-        "expr": [
-            *render_match(rule.match),
-            {"mangle": {"key": {"meta": {"key": "mark"}}, "value": rule.mark}},
-        ],
+        "expr": expr,
     }
 
 
@@ -104,8 +125,28 @@ def render(rules: Iterable[MarkRule]) -> list[dict[str, Any]]:
     ]
 
 
+def _guard_signature(rule: dict[str, Any]) -> Signature | None:
+    """(hook, comment, mark) of a listed guard rule, None for any other rule."""
+    expr = rule.get("expr") or []
+    hook = HOOK_OF.get(rule.get("chain", ""))
+    if len(expr) != 5 or hook is None or "comment" not in rule or expr[-1] != {"drop": None}:
+        return None
+    first = expr[0].get("match") if isinstance(expr[0], dict) else None
+    if (
+        not isinstance(first, dict)
+        or first.get("left") != {"meta": {"key": "mark"}}
+        or not isinstance(first.get("right"), int)
+        or expr[1:3] != GUARD_MATCH
+    ):
+        return None
+    return (hook, str(rule["comment"]), int(first["right"]))
+
+
 def _signature_of(rule: dict[str, Any]) -> Signature:
     """(hook, comment, mark) of a listed rule; a rule of another shape is someone else's."""
+    guard = _guard_signature(rule)
+    if guard is not None:
+        return guard
     expr = rule.get("expr") or []
     last = expr[-1].get("mangle") if expr and isinstance(expr[-1], dict) else None
     hook = HOOK_OF.get(rule.get("chain", ""))

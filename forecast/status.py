@@ -94,6 +94,7 @@ def read(state_file: Path) -> Snapshot:
             }
             for f, by_dir in counters.family_counts().items()
         }
+        local = {r.name.lower(): n for r, n in counters.local_counts().items()}
     finally:
         counters.close()
     return Snapshot(
@@ -116,6 +117,9 @@ def read(state_file: Path) -> Snapshot:
             # TX errors since the daemon started): queues after encryption, missing policies.
             "lost_after_datapath": int(state.get("lost_after_datapath", 0)),
             "ignored": state.get("ignored", {}),
+            # What became of the copies for mark-only SAs, sent from the daemon's raw socket,
+            # by result (live, from a pinned map); null when the local output path is off.
+            "local_out": local if state.get("local_out") else None,
         }
     )
 
@@ -238,6 +242,7 @@ def _columns(w: int) -> list[Column]:
         Column("VIRTUAL IP", 15, 4),
         Column("MARK", 7, 8, True),
         Column("SPI IN/OUT", 17, 9),
+        Column("PATH", 9, 7),
         *(
             Column(DIRECTION_TITLES[d], w, keep, True)
             for d, keep in (
@@ -278,6 +283,7 @@ def _cells(sa: dict[str, Any], r: dict[str, float] | None) -> dict[str, str]:
         "VIRTUAL IP": (sa["virtual_ips"] or ["-"])[0],
         "MARK": f"{sa['mark_in']:#x}",
         "SPI IN/OUT": sa["spi_in"] + "/" + sa["spi_out"],
+        "PATH": sa.get("path", "xfrm"),
         **{DIRECTION_TITLES[d]: _cell(sa["counters"], key, r) for d, key in DIRECTION_KEYS.items()},
         "DROPS": _human(sum(sa.get("drops", {}).values())),
     }
@@ -365,6 +371,13 @@ def _footer(snap: Snapshot) -> list[str]:
         lines.append(
             f"lost after the data path: {lost} copies (TX errors on the XFRM interface: a full "
             "queue after encryption or no policy; see the daemon's log)"
+        )
+    local = snap.doc.get("local_out")
+    if local:
+        failed = ", ".join(f"{k} {v}" for k, v in local.items() if k != "sent" and v)
+        lines.append(
+            f"local output (mark-only SAs): {local.get('sent', 0)} copies sent"
+            + (f"; not sent: {failed}" if failed else "")
         )
     daemon = snap.doc["daemon"]
     if daemon["running"]:

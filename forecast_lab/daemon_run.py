@@ -154,6 +154,10 @@ class LabDaemon:
             "lan_filters": _sh(
                 "tc", "filter", "show", "dev", self.topo.gw_lan_if, "ingress"
             ).strip(),
+            # the tunnel program's second place, for mark-only SAs' decrypted traffic
+            "wan_filters": _sh(
+                "tc", "filter", "show", "dev", self.topo.gw_wan_if, "ingress"
+            ).strip(),
             "pins": PIN_DIR.exists() and any(PIN_DIR.iterdir()),
             "state_file": self.state_file.exists(),
         }

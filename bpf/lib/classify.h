@@ -29,6 +29,15 @@ struct fc_ip6hdr {
 	__u32 daddr[4];
 };
 
+/* Was this packet decrypted by an SA (has it a secpath)? What the tunnel program takes from a
+ * device other than the XFRM interface: the WAN device, where mark-only SAs' traffic arrives. */
+static __always_inline int fc_decrypted(struct __sk_buff *skb)
+{
+	struct bpf_xfrm_state x;
+
+	return bpf_skb_get_xfrm_state(skb, 0, &x, sizeof(x), 0) == 0;
+}
+
 static __always_inline int fc_is_multicast(__u32 daddr)
 {
 	return (bpf_ntohl(daddr) & FC_MCAST_MASK) == FC_MCAST_NET;

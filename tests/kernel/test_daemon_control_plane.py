@@ -245,23 +245,33 @@ def test_connect_rekey_disconnect_stop(running_on: tuple[Running, str]) -> None:
 
 
 def test_check_tells_what_each_child_lacks(run_prefix: str, tmp_path: Path) -> None:
-    """`check` against live SAs: the seed's config lacks the if_id; forecast-bpf's has it."""
-    for mode, want_rc, want in (
-        (GatewayMode.SEED, 1, "set if_id_in = if_id_out = 42"),
-        (GatewayMode.FORECAST_BPF, 1, "set set_mark_in = %same"),
+    """`check` against live SAs: the seed's config is ready on the local output path (and,
+    with that path turned off, lacks the if_id); forecast-bpf's has the if_id."""
+    for i, (mode, extra, want_rc, want) in enumerate(
+        (
+            (GatewayMode.SEED, "", 0, "OK       rw/rw #1 (c1@forecast.lab"),
+            (GatewayMode.SEED, "mark_only_sas: ignore\n", 1, "set if_id_in = if_id_out = 42"),
+            (GatewayMode.FORECAST_BPF, "", 1, "set set_mark_in = %same"),
+        )
     ):
         opts = LabOptions(
-            clients=1, libipsec=True, mode=mode, if_id=IF_ID, prefix=f"{run_prefix}k{mode.value[0]}"
+            clients=1, libipsec=True, mode=mode, if_id=IF_ID, prefix=f"{run_prefix}k{i}"
         )
         with Lab(opts) as lab:
-            cfg = tmp_path / f"{mode.value}.yaml"
+            cfg = tmp_path / f"{i}.yaml"
             cfg.write_text(
                 f"vici_socket: {lab.topology.gateway.vici_socket}\nxfrm: {{if_id: {IF_ID}}}\n"
+                + extra
             )
             out = forecast_cli("check", cfg, netns=lab.topology.gateway.netns)
         assert out.returncode == want_rc, out.stdout + out.stderr
-        assert "MISSING  rw/rw #1 (c1@forecast.lab" in out.stdout
         assert want in out.stdout
+        if want_rc:
+            assert "MISSING  rw/rw #1 (c1@forecast.lab" in out.stdout
+        if mode is GatewayMode.SEED and not extra:
+            # the plugin's configuration needs no set_mark_in: the ESP rule marks
+            assert "(path: local-out)" in out.stdout and "set_mark_in" not in out.stdout
+            assert "note: served by the local output path" in out.stdout
         if mode is GatewayMode.FORECAST_BPF:
             # Marks and if_id are right; only libipsec's missing kernel SA (no set_mark_in
             # visible) is reported. The lab tier sees `check` pass on real XFRM.

@@ -3,12 +3,15 @@ draws the set-up)."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from ipaddress import IPv4Network
 
-from forecast import tc
+from forecast import layout, tc
 from forecast.datapath import SaEntry
 from forecast.layout import Direction, DropReason, Family
+from forecast.local_out import RingReader
 from forecast_lab import netns, traffic
 from tests.kernel.veth_gateway import (
     BCAST,
@@ -191,3 +194,64 @@ def test_the_gateways_own_multicast_looped_back_is_left_alone(gateway: Gateway) 
     time.sleep(0.5)
     assert total_copies(gateway) == 0
     assert all(v == 0 for v in gateway.datapath.drops().values()), gateway.datapath.drops()
+
+
+def test_mark_only_sas_get_their_copies_queued_with_their_mark(gateway: Gateway) -> None:
+    """A local-output SA (mark only) gets no clone: the packet is queued, whole, with its
+    mark and slot, for the daemon to send; the XFRM-interface SAs beside it get their clones
+    as before, and its counters count the queued copies."""
+    add_sas(gateway)
+    mc = IPv4Network("224.0.0.0/4")
+    gateway.datapath.write_sa(7, SaEntry(0x21, 0x21, (mc,), local_out=True))
+    assert gateway.datapath.sync_targets()
+    ring = RingReader(gateway.datapath.maps_dir / "local_out")
+    try:
+        gateway.configure(local_out_sas=1)
+        traffic.send(gateway.lan, GROUP, PORT, "mc", 10, iface="eth0", pad=PAD)
+        time.sleep(0.5)
+        records = list(ring.records())
+        assert fcrules(gateway) == {0x11: 10, 0x12: 10, 0x13: 10, 0: 0}  # none for 0x21
+        ip_len = 20 + 8 + len("mc 0") + PAD
+        assert len(records) == 10
+        payloads = set()
+        for record in records:
+            mark, slot, length, family = struct.unpack_from("=IIHB", record)
+            packet = record[layout.FC_LOCAL_HEADER : layout.FC_LOCAL_HEADER + length]
+            assert (mark, slot, length, family) == (0x21, 7, ip_len, Family.IPV4)
+            assert packet[16:20] == socket.inet_aton(GROUP) and packet[8] == 1  # TTL kept
+            payloads.add(packet[28:32])
+        assert payloads == {f"mc {i}".encode() for i in range(10)}
+        counters = gateway.datapath.counters([7])
+        assert counters[7].by_direction[Direction.LAN_TO_SA].packets == 10
+        # With no local-output SA in the configuration, nothing is kept, nothing queued (the
+        # walker counts what it could not queue, never an older packet).
+        gateway.configure(local_out_sas=0)
+        traffic.send(gateway.lan, GROUP, PORT, "none", 3, iface="eth0", pad=PAD)
+        time.sleep(0.5)
+        assert list(ring.records()) == []
+        assert gateway.datapath.drops()[DropReason.LOCAL_OUT_SIZE] == 3
+    finally:
+        ring.close()
+
+
+def test_the_tunnel_program_off_the_xfrm_interface_takes_only_decrypted_packets(
+    gateway: Gateway,
+) -> None:
+    """On the WAN device (where mark-only SAs' traffic arrives) the tunnel program leaves the
+    WAN's own traffic alone: multicast without a secpath is neither copied nor counted."""
+    add_sas(gateway)
+    netns.add_veth("wan0", gateway.gw, "eth9", gateway.lan)
+    for ns, dev, cidr in (
+        (gateway.gw, "wan0", "10.7.0.1/24"),
+        (gateway.lan, "eth9", "10.7.0.2/24"),
+    ):
+        netns.run(["ip", "addr", "add", cidr, "brd", "+", "dev", dev], netns=ns)
+        netns.run(["ip", "link", "set", dev, "up"], netns=ns)
+    wan = netns.ifindex(gateway.gw, "wan0")
+    tc.attach(wan, gateway.datapath.fd_for("wan"), "fc_tunnel_ingress", netns=gateway.gw)
+    traffic.send(gateway.lan, GROUP, PORT, "wan", 10, iface="eth9", pad=PAD, mark=0x11)
+    traffic.send(gateway.lan, "10.7.0.255", PORT, "wanbc", 5, pad=PAD)
+    time.sleep(0.5)
+    assert total_copies(gateway) == 0
+    assert all(v == 0 for v in gateway.datapath.drops().values())
+    assert tc.bpf_filters(wan, netns=gateway.gw) == [(tc.DEFAULT_PRIO, "fc_tunnel_ingress")]

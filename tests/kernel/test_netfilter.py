@@ -304,7 +304,12 @@ def test_hostile_names_reach_either_back_end_as_one_harmless_comment(
     appended = [ln for ln in _iptables_save(nsname).splitlines() if ln.startswith("-A ")]
     assert all(
         ln.startswith(
-            ("-A FORECAST-", "-A PREROUTING -j FORECAST-PRE", "-A OUTPUT -j FORECAST-OUT")
+            (
+                "-A FORECAST-",
+                "-A PREROUTING -j FORECAST-PRE",
+                "-A OUTPUT -j FORECAST-OUT",
+                "-A POSTROUTING -j FORECAST-POST",
+            )
         )
         for ln in appended
     ), appended

@@ -68,3 +68,33 @@ def test_daemon_three_clients(lab: LabRunner) -> None:
             "sa_to_sa": COUNT,
         }
     )
+
+
+def test_mark_only_seed_config(lab: LabRunner) -> None:
+    """The seed's swanctl.conf unchanged (marks, no if_id, no set_mark_in): every SA on the
+    local output path, the same forwarding as the XFRM-interface path, copies queued during a
+    restart sent by the next daemon, an SA going under load, and nothing in clear on the WAN
+    the whole time (tests/lab/scripts/mark_only.py)."""
+    run = lab.script(
+        "mark_only.py",
+        "--gateway-mode",
+        "seed",
+        "--clients",
+        "3",
+        "--no-broadcast",
+        "c3",
+        script_args=("rw-nobcast",),
+    )
+    _all_ok(run)
+    assert len(run.results) == 13
+    mc = run.result("LAN -> 239.255.255.250 reaches ['c1', 'c2', 'c3']")["detail"]
+    assert all(mc[c]["received"] == COUNT for c in ("c1", "c2", "c3"))
+    bc = run.result("LAN -> 10.1.255.255")["detail"]
+    assert bc["c1"]["received"] == bc["c2"]["received"] == COUNT and bc["c3"]["received"] == 0
+    c1 = run.result("c1 -> 239.255.255.250 reaches ['c3', 'lan']")["detail"]
+    assert c1["lan"]["received"] == c1["c3"]["received"] == COUNT
+    assert c1["c2"]["received"] == 0 and c1["c1"]["received"] == 0
+    sent = run.result("status --json counters equal the traffic")["detail"]
+    assert sent["local_out"]["sent"] == sent["copies"] > 0
+    wan = run.result("nothing left the WAN device in clear")["detail"]
+    assert wan["clear"] == 0 and wan["encrypted"] > 0

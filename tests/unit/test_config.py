@@ -164,3 +164,10 @@ def test_storm_guard_from_yaml(tmp_path: Path) -> None:
     path.write_text("storm_guard:\n  per_sa: {rate: 20, burst: 3}\n  lan: off\n")
     cfg = config.load(path)
     assert cfg.storm_guard == config.StormGuard(config.RateLimit(20, 3), config.RateLimit(0, 0))
+
+
+def test_mark_only_sas_takes_local_out_or_ignore() -> None:
+    assert config.parse({}).mark_only_sas == "local-out"
+    assert config.parse({"mark_only_sas": "ignore"}).mark_only_sas == "ignore"
+    with pytest.raises(config.ConfigError, match="mark_only_sas"):
+        config.parse({"mark_only_sas": "xfrm"})

@@ -7,7 +7,7 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 
-from forecast import config, desired, layout, rules_iptables, rules_nft
+from forecast import config, desired, layout, netfilter, rules_iptables, rules_nft
 from forecast.sa import ChildSa, SaTable
 from tests.conftest import FIXTURES
 from tests.unit.conftest import load_events
@@ -74,16 +74,44 @@ def test_data_path_entries(fixtures_dir: Path) -> None:
 
 
 def test_children_without_marks_or_our_if_id_are_ignored_with_a_reason(fixtures_dir: Path) -> None:
-    children = _children(fixtures_dir, "004", if_id=0)
+    children = _children(fixtures_dir, "004", if_id=7)  # another XFRM interface's
     d = desired.compute(children, CFG, BCAST, {})
     assert not d.rules and not d.slots and not d.routes
     # every child ignored, each for its if_id (an empty dict would pass `all`)
     assert sorted(d.ignored) == sorted(c.unique_id for c in children) and children
-    assert all("set if_id_in = if_id_out = 42" in r for r in d.ignored.values())
+    assert all("if_id in/out 7/7" in r and "= 42" in r for r in d.ignored.values())
+    # mark-only children, when the operator turned the local output path off
+    off = config.parse({"reinject": ["rw"], "mark_only_sas": "ignore"})
+    mark_only = _children(fixtures_dir, "004", if_id=0)
+    d = desired.compute(mark_only, off, BCAST, {})
+    assert not d.rules and not d.slots and not d.routes and not d.local_out_marks
+    assert sorted(d.ignored) == sorted(c.unique_id for c in mark_only) and mark_only
+    assert all("mark_only_sas: local-out" in r for r in d.ignored.values())
     unmarked = [replace(c, mark_in=0, mark_out=0) for c in _children(fixtures_dir, "004")]
     d = desired.compute(unmarked, CFG, BCAST, {})
     assert sorted(d.ignored) == sorted(c.unique_id for c in unmarked) and unmarked
     assert all(r.startswith("no unique mark") for r in d.ignored.values())
+
+
+def test_mark_only_children_take_the_local_output_path(fixtures_dir: Path) -> None:
+    """The seed's configuration (marks, no if_id): served, with the plugin's MARK rules, a
+    guard per SA, no route of ours (charon routes such children itself), IPv4 copies only."""
+    children = _children(fixtures_dir, "004", if_id=0)
+    d = desired.compute(children, CFG, BCAST, {})
+    assert not d.ignored and not d.routes
+    entries = {s.entry.mark_in: s.entry for s in d.slots.values()}
+    assert set(entries) == {2, 3} and all(e.local_out for e in entries.values())
+    assert entries[2].selectors == (IPv4Network("10.1.255.255/32"), IPv4Network("224.0.0.0/4"))
+    assert d.local_out_marks == {2, 3}
+    guards = [r for r in d.rules if r.action == "drop"]
+    assert sorted((r.chain, r.mark) for r in guards) == [("POSTROUTING", 2), ("POSTROUTING", 3)]
+    marking = [r for r in d.rules if r.action == "mark"]
+    xfrm = desired.compute(_children(fixtures_dir, "004"), CFG, BCAST, {})
+    assert marking == xfrm.rules and marking  # the same MARK rules either way
+    assert not xfrm.local_out_marks and not any(s.entry.local_out for s in xfrm.slots.values())
+    assert [desired.path_of(c, CFG) for c in children] == ["local-out"] * len(children)
+    notes = desired.path_notes(children[0], CFG)
+    assert notes and "if_id_in = if_id_out = 42" in notes[0]
 
 
 def test_slots_are_stable_and_capacity_is_reported() -> None:
@@ -174,13 +202,40 @@ def test_render_is_one_transaction_of_our_chains(fixtures_dir: Path) -> None:
     d = desired.compute(_children(fixtures_dir, "004"), CFG, BCAST, {})
     text = rules_iptables.render(d.rules)
     lines = text.splitlines()
-    assert lines[:3] == ["*mangle", ":FORECAST-PRE - [0:0]", ":FORECAST-OUT - [0:0]"]
+    assert lines[:4] == [
+        "*mangle",
+        ":FORECAST-PRE - [0:0]",
+        ":FORECAST-OUT - [0:0]",
+        ":FORECAST-POST - [0:0]",
+    ]
     assert lines[-1] == "COMMIT"
-    assert all(line.startswith(("-A FORECAST-PRE ", "-A FORECAST-OUT ")) for line in lines[3:-1])
+    assert all(line.startswith(("-A FORECAST-PRE ", "-A FORECAST-OUT ")) for line in lines[4:-1])
     assert (
         '-d 10.1.0.129/32 -m comment --comment "forecast-bpf rw/rw #2 c1@probe" -j MARK '
         "--set-xmark 0x2/0xffffffff" in text
     )
+
+
+def test_guards_render_and_read_back_in_both_back_ends(fixtures_dir: Path) -> None:
+    """A guard drops multicast/broadcast with its SA's mark that leaves without IPsec; the
+    signature read back from each back end's listing is the one applied."""
+    d = desired.compute(_children(fixtures_dir, "004", if_id=0), CFG, BCAST, {})
+    guard = next(r for r in d.rules if r.action == "drop")
+    line = rules_iptables.render_rule(guard)
+    assert line == (
+        f"-A FORECAST-POST -m mark --mark {guard.mark:#x} -m policy --dir out --pol none "
+        "-m addrtype --dst-type BROADCAST,MULTICAST -m comment --comment "
+        f'"{guard.comment}" -j DROP'
+    )
+    assert rules_iptables._SAVED_GUARD.match(line)
+    obj = rules_nft._rule_object(guard)
+    assert obj["chain"] == "postrouting" and obj["expr"][-1] == {"drop": None}
+    listed = {
+        **obj,
+        "expr": [*obj["expr"][:3], {"counter": {"packets": 3, "bytes": 9}}, obj["expr"][4]],
+    }
+    assert rules_nft._signature_of(listed) == ("POSTROUTING", guard.comment, guard.mark)
+    assert netfilter.signature(guard) == ("POSTROUTING", guard.comment, guard.mark)
 
 
 def test_nft_batch_replaces_our_table_whole(fixtures_dir: Path) -> None:
@@ -192,12 +247,13 @@ def test_nft_batch_replaces_our_table_whole(fixtures_dir: Path) -> None:
         {"delete": {"table": table}},
         {"add": {"table": table}},
     ]
-    chains = [item["add"]["chain"] for item in batch[3:5]]
+    chains = [item["add"]["chain"] for item in batch[3:6]]
     assert [(c["name"], c["type"], c["hook"], c["prio"]) for c in chains] == [
         ("prerouting", "filter", "prerouting", -151),
         ("output", "route", "output", -151),
+        ("postrouting", "filter", "postrouting", -151),
     ]
-    rules = [item["add"]["rule"] for item in batch[5:]]
+    rules = [item["add"]["rule"] for item in batch[6:]]
     assert len(rules) == len(d.rules) > 0
     vip = next(r for r in rules if r["chain"] == "output")
     assert vip["comment"] == "forecast-bpf rw/rw #2 c1@probe"

@@ -10,7 +10,12 @@ from typing import Any
 from forecast import layout
 
 HEADER = (Path(__file__).resolve().parents[2] / "bpf" / "forecast.h").read_text()
-C_TYPES = {"__u32": ctypes.c_uint32, "__u64": ctypes.c_uint64, "__u8": ctypes.c_uint8}
+C_TYPES = {
+    "__u32": ctypes.c_uint32,
+    "__u64": ctypes.c_uint64,
+    "__u16": ctypes.c_uint16,
+    "__u8": ctypes.c_uint8,
+}
 
 
 def _defines() -> dict[str, int]:
@@ -45,6 +50,16 @@ def test_constants_match() -> None:
         assert re.search(rf"#define FC_WALK_{family.name} FC_FAMILY_{family.name}\b", HEADER)
     assert d["FC_SA_ACTIVE"] == layout.FC_SA_ACTIVE
     assert d["FC_SA_REINJECT"] == layout.FC_SA_REINJECT
+    assert d["FC_SA_LOCAL_OUT"] == layout.FC_SA_LOCAL_OUT
+    assert d["FC_LOCAL_MAX_PACKET"] == layout.FC_LOCAL_MAX_PACKET
+    assert d["FC_LOCAL_HEADER"] == layout.FC_LOCAL_HEADER == layout.FcLocalCopy.packet.offset
+    assert re.search(r"#define FC_LOCAL_RING_BYTES \(4 << 20\)", HEADER)
+    assert layout.FC_LOCAL_RING_BYTES == 4 << 20
+    assert d["FC_LOCAL_RESULTS"] == layout.FC_LOCAL_RESULTS
+    for result in layout.LocalResult:
+        assert d[f"FC_LOCAL_{result.name}"] == result.value
+    # the verifier's bound: a power of two
+    assert layout.FC_LOCAL_MAX_PACKET & layout.FC_LOCAL_MASK == 0
     assert d["FC_DIRS"] == layout.FC_DIRS
     assert d["FC_DROPS"] == layout.FC_DROPS
     assert d["FC_SA_DROPS"] == layout.FC_SA_DROPS
@@ -77,6 +92,7 @@ def test_structs_match_field_by_field() -> None:
         "fc_counter": layout.FcCounter,
         "fc_rate": layout.FcRate,
         "fc_bucket": layout.FcBucket,
+        "fc_local_copy": layout.FcLocalCopy,
     }
     for cname, pytype in pairs.items():
         c_fields = _struct_fields(cname)
