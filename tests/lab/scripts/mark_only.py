@@ -37,6 +37,17 @@ def local_out(daemon: LabDaemon) -> dict[str, int]:
     return dict(daemon.status_json()["local_out"] or {})
 
 
+def listen_on_every_client() -> dict[str, traffic.Receiver]:
+    """A receiver for the SSDP group on each client, started together, then awaited."""
+    receivers = {
+        c.name: traffic.Receiver(c.netns, checks.SSDP_PORT, [checks.SSDP_GROUP], wait=False)
+        for c in topo.clients
+    }
+    for r in receivers.values():
+        r.wait_ready()
+    return receivers
+
+
 def lan_to_sa(daemon: LabDaemon, client: str) -> int:
     for sa in daemon.status_json()["sas"]:
         if sa["remote_id"].split("@")[0] == client:
@@ -125,12 +136,7 @@ try:
     # and the next daemon sends them: none lost.
     daemon.handover()
     tag = f"gap-{os.getpid()}"
-    receivers = {
-        c.name: traffic.Receiver(c.netns, checks.SSDP_PORT, [checks.SSDP_GROUP], wait=False)
-        for c in topo.clients
-    }
-    for r in receivers.values():
-        r.wait_ready()
+    receivers = listen_on_every_client()
     traffic.send(topo.lan_host.netns, checks.SSDP_GROUP, checks.SSDP_PORT, tag, count, iface="eth0")
     t_restart = time.monotonic()
     daemon.start()
@@ -150,12 +156,7 @@ try:
 
     # An SA goes while the LAN sends: its copies stop, the others' go on, nothing in clear.
     tag = f"going-{os.getpid()}"
-    receivers = {
-        c.name: traffic.Receiver(c.netns, checks.SSDP_PORT, [checks.SSDP_GROUP], wait=False)
-        for c in topo.clients
-    }
-    for r in receivers.values():
-        r.wait_ready()
+    receivers = listen_on_every_client()
     sender = traffic.send(
         topo.lan_host.netns,
         checks.SSDP_GROUP,
