@@ -153,6 +153,24 @@ def unicast(topo: Topology, count: int = 3, version: int = 4) -> CheckResult:
     )
 
 
+def counters_after_scenario(
+    doc: dict[str, Any], count: int, bcast_clients: set[str], origin: str, others: set[str]
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+    """(expected, counted) packets per client and direction from `status --json` after the
+    daemon scenarios' checks: `count` of the LAN's multicast to every client and of its
+    broadcast to `bcast_clients`, `origin`'s multicast to the LAN and to `others`."""
+    want, got = {}, {}
+    for sa in doc["sas"]:
+        name = sa["remote_id"].split("@")[0]
+        want[name] = {
+            "lan_to_sa": count + (count if name in bcast_clients else 0),
+            "sa_to_lan": count if name == origin else 0,
+            "sa_to_sa": count if name in others else 0,
+        }
+        got[name] = {k: int(v["packets"]) for k, v in sa["counters"].items()}
+    return want, got
+
+
 def reference_scenario(topo: Topology) -> list[CheckResult]:
     """What strongSwan's forecast plugin does (forecast-plugin.md), as checks."""
     names = {c.name for c in topo.clients}

@@ -76,15 +76,7 @@ try:
     # Counters, as `status --json` reports them, equal what was sent and received.
     doc = daemon.status_json()
     count = checks.DEFAULT_COUNT
-    want, got = {}, {}
-    for sa in doc["sas"]:
-        name = sa["remote_id"].split("@")[0]
-        want[name] = {
-            "lan_to_sa": count + (count if name in bcast_clients else 0),
-            "sa_to_lan": count if name == first.name else 0,
-            "sa_to_sa": count if name in others else 0,
-        }
-        got[name] = {k: v["packets"] for k, v in sa["counters"].items()}
+    want, got = checks.counters_after_scenario(doc, count, bcast_clients, first.name, others)
     report(
         CheckResult(
             "status --json counters equal the traffic",

@@ -111,15 +111,7 @@ try:
 
     doc = daemon.status_json()
     count = checks.DEFAULT_COUNT
-    want, got = {}, {}
-    for sa in doc["sas"]:
-        name = sa["remote_id"].split("@")[0]
-        want[name] = {
-            "lan_to_sa": count + (count if name in bcast_clients else 0),
-            "sa_to_lan": count if name == first.name else 0,
-            "sa_to_sa": count if name in others else 0,
-        }
-        got[name] = {k: v["packets"] for k, v in sa["counters"].items()}
+    want, got = checks.counters_after_scenario(doc, count, bcast_clients, first.name, others)
     sent = local_out(daemon)
     copies = sum(sum(v.values()) - v["sa_to_lan"] for v in want.values())
     report(
