@@ -49,8 +49,8 @@ deb: venv
 demo: setup
 	$(VENV)/bin/forecast-bpf lab demo --ipv6 --clients $(CLIENTS) --kernel $(KERNEL)
 
-# forecast-bpf against strongSwan's forecast plugin in the lab, one VM boot, about 11 minutes:
-# build/bench/report.md with plots (BENCHMARKS.md explains the method and shows a full run).
+# strongSwan's forecast plugin against forecast-bpf's two paths in the lab, one VM boot, about
+# 21 minutes: build/bench/report.md with plots (BENCHMARKS.md explains the method and the runs).
 bench: setup test-reference
 	$(VENV)/bin/forecast-bpf lab bench --kernel $(KERNEL) --out $(CURDIR)/build/bench
 

@@ -68,10 +68,15 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def _forwarders(text: str) -> tuple[str, ...]:
+    try:
+        from forecast_lab.bench_report import FORWARDERS
+    except ImportError:
+        raise argparse.ArgumentTypeError(LAB_MISSING) from None
+
     names = tuple(x.strip() for x in text.split(",") if x.strip())
-    unknown = set(names) - {"plugin", "forecast-bpf"}
+    unknown = set(names) - set(FORWARDERS)
     if not names or unknown:
-        raise argparse.ArgumentTypeError(f"forwarders are plugin and forecast-bpf, got {text!r}")
+        raise argparse.ArgumentTypeError(f"forwarders are {', '.join(FORWARDERS)}, got {text!r}")
     return names
 
 
@@ -256,7 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = lab_sub.add_parser(
         "bench",
         help="strongSwan's forecast plugin and forecast-bpf under the same load; writes a report",
-        description="Boots the lab once and measures both forwarders with the same traffic: "
+        description="Boots the lab once and measures each forwarder with the same traffic "
+        "(strongSwan's plugin; forecast-bpf with if_id, its XFRM-interface path; forecast-bpf "
+        "with the plugin's mark-only configuration, its local output path): "
         "stepped LAN multicast rates per client count and payload, a plain-ESP baseline, "
         "CHILD_SA up to first copy, daemon start. Writes report.md, plots and the raw records "
         "to --out. Exit codes: 0 measured, 1 a run failed, 2 bad arguments.",
@@ -276,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--forwarders",
         type=_forwarders,
-        default=("plugin", "forecast-bpf"),
-        help="plugin,forecast-bpf",
+        default=None,
+        help="plugin,forecast-bpf,forecast-bpf-local-out (default: all three)",
     )
     bench.add_argument(
         "--quick", action="store_true", help="2 clients, 64 B, three rates (the lab tier's run)"

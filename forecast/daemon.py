@@ -266,8 +266,14 @@ class Daemon:
         if self.wan_index and self.wan_index != self.lan.index:
             # Mark-only SAs' decrypted traffic arrives on the WAN device; their copies leave
             # from a raw socket, sent once the first reconcile has put their guards in place.
-            self.hooks["wan"] = self.wan_index
-            self.local_out = LocalOutSender(dp.maps_dir, self.wan_index)
+            try:
+                self.local_out = LocalOutSender(dp.maps_dir, self.wan_index)
+            except PermissionError as exc:
+                # A unit without CAP_NET_RAW: the XFRM-interface path needs no raw socket.
+                log.warning("mark-only SAs left alone (no local output path): %s", exc)
+                self.cfg = dataclasses.replace(self.cfg, mark_only_sas="ignore")
+            else:
+                self.hooks["wan"] = self.wan_index
 
     def _attach_filters(self) -> None:
         dp = self.datapath

@@ -161,6 +161,11 @@ class FcLocalCopy(ctypes.Structure):
     )
 
 
+# FcLocalCopy's header fields (mark, slot, len, family) for the sender's per-copy loop, where a
+# struct unpack is cheaper than a ctypes view.
+LOCAL_COPY_HEADER = struct.Struct("=IIHB")
+
+
 class FcCounter(ctypes.Structure):
     _fields_ = (("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64))
 

@@ -49,6 +49,8 @@ ERRORS = {
     errno.ENOBUFS: LocalResult.NO_BUFFER,
 }
 RESULT_NAMES = {r: r.name.lower() for r in LocalResult}  # sent, not_live, refused, ...
+MARK_OF = struct.Struct("=I")  # a record's first field
+PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,8 @@ class LocalOutSender:
     """Drains the ring and sends each copy; `allow`/`retain` say which marks may be sent."""
 
     def __init__(self, maps_dir: Path, wan_ifindex: int) -> None:
+        # First: without CAP_NET_RAW this raises PermissionError, before anything is opened.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.ring = RingReader(maps_dir / "local_out")
         # The counts live in a pinned map (`status` reads them; a restart goes on counting).
         self.counts_map = PinnedMap(maps_dir / "local_results")
@@ -131,7 +135,6 @@ class LocalOutSender:
                 self.counts[result] = int(value.value)
         self._written = list(self.counts)
         self.wan_ifindex = wan_ifindex
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         # A copy is for the tunnel only: never looped back to the gateway's own sockets.
         self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
@@ -194,9 +197,23 @@ class LocalOutSender:
             if not batch:
                 return n
             n += len(batch)
+            # A LAN packet queues one copy per SA, each with its own mark: sent as queued, the
+            # socket's mark would change at every copy (one more system call each). Grouped by
+            # mark, it changes once per SA and batch; each SA's copies keep their order.
+            by_mark: dict[int, list[bytes]] = {}
             for record in batch:
-                self.counts[self._send_record(record)] += 1
+                by_mark.setdefault(MARK_OF.unpack_from(record)[0], []).append(record)
+            for mark, records in by_mark.items():
+                self._send_group(mark, records)
             self._write_counts()
+
+    def _send_group(self, mark: int, records: list[bytes]) -> None:
+        with self._lock:
+            if mark not in self._live:
+                self.counts[LocalResult.NOT_LIVE] += len(records)
+                return
+            for record in records:
+                self.counts[self._send_record(mark, record)] += 1
 
     def _write_counts(self) -> None:
         for result in LocalResult:
@@ -204,30 +221,30 @@ class LocalOutSender:
                 self.counts_map.update(result, ctypes.c_uint64(self.counts[result]))
                 self._written[result] = self.counts[result]
 
-    def _send_record(self, record: bytes) -> LocalResult:
-        mark, _slot, length, family = struct.unpack_from("=IIHB", record, 0)
+    def _send_record(self, mark: int, record: bytes) -> LocalResult:
+        """One copy of a live mark (the caller holds the lock)."""
+        _mark, _slot, length, family = layout.LOCAL_COPY_HEADER.unpack_from(record, 0)
         packet = record[layout.FC_LOCAL_HEADER : layout.FC_LOCAL_HEADER + length]
         if family != layout.Family.IPV4 or len(packet) < 20:
             return LocalResult.UNSUPPORTED
-        src, dst = packet[12:16], packet[16:20]
-        with self._lock:
-            if mark not in self._live:
-                return LocalResult.NOT_LIVE
-            try:
-                if mark != self._mark:
-                    self.sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
-                    self._mark = mark
-                info = struct.pack("=I4s4s", self.wan_ifindex, src, b"\0\0\0\0")
-                self.sock.sendmsg(
-                    [packet], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0, (socket.inet_ntoa(dst), 0)
-                )
-                return LocalResult.SENT
-            except OSError as exc:
-                result = ERRORS.get(exc.errno or 0, LocalResult.OTHER)
-                if result not in self._warned:
-                    self._warned.add(result)
-                    log.warning("local-output copy for mark %#x not sent: %s", mark, exc)
-                return result
+        try:
+            if mark != self._mark:
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+                self._mark = mark
+            info = PKTINFO.pack(self.wan_ifindex, packet[12:16], b"\0\0\0\0")
+            self.sock.sendmsg(
+                [packet],
+                [(socket.IPPROTO_IP, IP_PKTINFO, info)],
+                0,
+                (socket.inet_ntoa(packet[16:20]), 0),
+            )
+            return LocalResult.SENT
+        except OSError as exc:
+            result = ERRORS.get(exc.errno or 0, LocalResult.OTHER)
+            if result not in self._warned:
+                self._warned.add(result)
+                log.warning("local-output copy for mark %#x not sent: %s", mark, exc)
+            return result
 
     def stop(self) -> None:
         """Stop sending (what is still queued stays in the ring), close socket and ring."""

@@ -1,6 +1,10 @@
 """Lab script: one forwarder (strongSwan's forecast plugin or forecast-bpf) under measured load.
 
 Run by `forecast-bpf lab bench` on the gateway of a lab whose clients are not yet connected.
+The forwarders (forecast_lab.bench_report.FORWARDERS): `plugin` in a reference-plugin lab,
+`forecast-bpf` (copies cloned to the XFRM interface) in a forecast-bpf lab, and
+`forecast-bpf-local-out` (the seed's mark-only configuration: copies queued to the daemon, sent
+from its raw socket with the SA's mark) in a seed lab.
 Prints one `BENCH {json}` line per measurement; forecast_lab.bench_report turns them into the
 report. What it measures, in order:
 
@@ -42,15 +46,18 @@ from typing import Any
 
 import vici
 
+from forecast.datapath import layout_digest
+from forecast.desired import PATH_LOCAL_OUT, PATH_XFRM
+from forecast.local_out import RingReader
 from forecast_lab import conns, ipsec_state, netns
-from forecast_lab.daemon_run import LabDaemon
+from forecast_lab.bench_report import FORWARDERS, lossless
+from forecast_lab.daemon_run import PIN_DIR, LabDaemon
 from forecast_lab.pktgen import Flow, Pktgen, bridged_device, multicast_mac
 from forecast_lab.topology import Host, Topology
 
 GROUP = "224.0.0.251"  # mDNS: in both forwarders' default groups
 PORT = 5353  # nobody listens here: a copy is counted by the kernel as IgnoredMulti / NoPorts
 MEMBERSHIP_PORT = 9  # the socket that makes a client accept the group binds elsewhere
-LOSS_OK = 0.001  # "zero loss" as the report uses it: at most 0.1 %
 PAST_KNEE = 0.2  # a step losing more than this ends a series
 COPIES_LADDER = [250 * 2**i for i in range(11)]  # offered copies/s: 250 … 256k
 USER_HZ = os.sysconf("SC_CLK_TCK")
@@ -216,6 +223,20 @@ class Bench:
         self.gw_mac = netns.run(["cat", mac_file], netns=topo.gateway.netns).stdout.strip()
         steer(topo)
         self.members = [join_group(h) for h in topo.clients]
+        self.ring: RingReader | None = None  # the local output path's queue, once watched
+
+    def watch_ring(self) -> None:
+        """The local output path queues copies for the daemon to send: a step ends when the
+        queue is empty, and the next starts only then (else the late copies of a step past the
+        knee would be counted, and their CPU subtracted as background, in the next)."""
+        self.ring = RingReader(PIN_DIR / f"maps-{layout_digest()}" / "local_out")
+
+    def drained(self, seconds: float = 120) -> float:
+        """Waits until no copy is queued (bounded); returns when (monotonic)."""
+        deadline = time.monotonic() + seconds
+        while self.ring is not None and self.ring.pending() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return time.monotonic()
 
     def flow(self, payload: int, dst: str = GROUP) -> Flow:
         mac = multicast_mac(dst) if dst == GROUP else self.gw_mac
@@ -230,10 +251,13 @@ class Bench:
         idle: tuple[Cpu, Cpu],
     ) -> dict[str, Any]:
         count = max(10, int(rate * self.step_seconds))
+        self.drained()
         before = counted(receivers, field)
         lab0, gw0 = cpus_now()
         t0 = time.monotonic()
         sent = self.gen.run(flow, rate, count)
+        # Sending takes as long as the forwarder still has copies queued (local output path).
+        sending = max(sent.seconds, self.drained() - t0)
         time.sleep(0.3)  # copies still in queues
         window = time.monotonic() - t0
         lab1, gw1 = cpus_now()
@@ -252,7 +276,9 @@ class Bench:
             "achieved_pps": round(sent.rate, 1),
             "delivered_by_client": got,
             "delivered": delivered,
-            "delivered_per_s": round(delivered / sent.seconds, 1) if sent.seconds else 0,
+            "delivered_per_s": round(delivered / sending, 1) if sending else 0,
+            # after the LAN's last packet until the forwarder's queue was empty
+            "drain_seconds": round(sending - sent.seconds, 3),
             "loss": round(max(0.0, loss), 6),
             # busy share of each CPU: which side bounds a step
             "gateway_cpu_busy": round((gw1 - gw0).total / window, 3),
@@ -283,32 +309,36 @@ class Bench:
         refine: int,
     ) -> None:
         """Stepped rates (LAN packets/s) until past the knee, then `refine` bisections of the
-        bracket around the highest rate with at most LOSS_OK; one BENCH line per step."""
+        bracket around the highest lossless rate (bench_report.lossless); one BENCH line per
+        step."""
+        self.drained()
         idle = background()
         n = len(receivers)
         ladder = rates or [c / n for c in COPIES_LADDER]
         tag = {"forwarder": self.forwarder, "series": kind, "clients": n, "payload": flow.payload}
-        results: list[tuple[float, float]] = []
+        results: list[tuple[float, bool]] = []
         for rate in ladder:
             r = self.step(flow, rate, receivers, field, idle)
             emit("step", **tag, **r)
             say(f"{kind} {n} clients {flow.payload} B {rate:.0f} pps: loss {r['loss']:.4f}")
-            results.append((rate, r["loss"]))
+            results.append((rate, lossless(r)))
             if r["loss"] > PAST_KNEE and not rates:
                 break
         for _ in range(refine):
-            good = [rate for rate, loss in results if loss <= LOSS_OK]
-            bad = [rate for rate, loss in results if loss > LOSS_OK and rate > max(good, default=0)]
+            good = [rate for rate, ok in results if ok]
+            bad = [rate for rate, ok in results if not ok and rate > max(good, default=0)]
             if not good or not bad:
                 break
             rate = math.sqrt(max(good) * min(bad))
             r = self.step(flow, rate, receivers, field, idle)
             emit("step", **tag, **r, refined=True)
-            results.append((rate, r["loss"]))
+            results.append((rate, lossless(r)))
 
     def close(self) -> None:
         for s in self.members:
             s.close()
+        if self.ring is not None:
+            self.ring.close()
         self.gen.close()
 
 
@@ -497,7 +527,7 @@ def daemon_start(bench: Bench, daemon: LabDaemon, hosts: list[Host], how: str) -
     compiled = [ln for ln in daemon.log.read_text().splitlines() if "programs build" in ln]
     emit(
         "daemon_start",
-        forwarder="forecast-bpf",
+        forwarder=bench.forwarder,
         how=how,
         sas=len(hosts),
         start_to_all_slots_s=round(seconds_all, 2),
@@ -508,14 +538,25 @@ def daemon_start(bench: Bench, daemon: LabDaemon, hosts: list[Host], how: str) -
     say(f"daemon start ({how}): all slots after {seconds_all:.1f} s")
 
 
-# -- main --------------------------------------------------------------------------------------
+# -- main ---------------------------------------------------------------------------------------
+# The path the daemon must have chosen for every SA: the lab's gateway mode decides it, and a
+# benchmark of the wrong path would be reported under the other's name.
+PATHS = {"forecast-bpf": PATH_XFRM, "forecast-bpf-local-out": PATH_LOCAL_OUT}
+
+
+def _expect_path(daemon: LabDaemon, path: str) -> None:
+    paths = {name: slot.get("path") for name, slot in daemon.by_client().items()}
+    if not paths or set(paths.values()) != {path}:
+        raise RuntimeError(f"every SA should be on the {path} path, the daemon has {paths}")
+
+
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--forwarder", choices=["plugin", "forecast-bpf"], required=True)
+    ap.add_argument("--forwarder", choices=FORWARDERS, required=True)
     ap.add_argument("--clients", type=ints, default=[2, 8, 32], help="e.g. 2,8,32")
     ap.add_argument("--payloads", type=ints, default=[64, 1000], help="UDP payload bytes")
     ap.add_argument("--rates", type=ints, default=None, help="fixed LAN packets/s steps")
@@ -539,12 +580,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         first = topo.clients[: min(args.clients)]
         connect(first)
-        if args.forwarder == "forecast-bpf":
+        if args.forwarder != "plugin":
             # The benchmark measures capacity: the storm guard (a limit by design) stays off.
             daemon = LabDaemon(topo, reinject=[], groups=[GROUP], extra=["storm_guard: off"])
             daemon_start(bench, daemon, first, "cold: compile and pin")
             daemon.handover()
             daemon_start(bench, daemon, first, "restart: adopt the pinned build")
+            _expect_path(daemon, PATHS[args.forwarder])
+            if PATHS[args.forwarder] == PATH_LOCAL_OUT:
+                bench.watch_ring()
         else:
             time.sleep(1.0)  # the plugin learns the SAs inside charon
         if daemon is not None:
@@ -578,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
                 up = n
                 if daemon is not None:
                     daemon.wait_state(f"{n} SAs", lambda s, n=n: len(s["slots"]) == n)  # type: ignore[misc]
+                    _expect_path(daemon, PATHS[args.forwarder])
                 else:
                     time.sleep(1.0)
             for payload in args.payloads:

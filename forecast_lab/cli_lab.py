@@ -45,7 +45,7 @@ def _bench(args: argparse.Namespace) -> int:
             connects=args.connects,
             step_seconds=args.step_seconds,
             refine=args.refine,
-            forwarders=args.forwarders,
+            forwarders=args.forwarders or runner.BenchPlan.forwarders,
         )
     if max(plan.clients) > MAX_CLIENTS:
         return _fail(f"--clients: at most {MAX_CLIENTS}")

@@ -4,14 +4,17 @@ draws the set-up)."""
 from __future__ import annotations
 
 import socket
-import struct
+import subprocess
+import sys
 import time
 from ipaddress import IPv4Network
+from pathlib import Path
 
 from forecast import layout, tc
 from forecast.datapath import SaEntry
-from forecast.layout import Direction, DropReason, Family
-from forecast.local_out import RingReader
+from forecast.layout import Direction, DropReason, Family, LocalResult
+from forecast.local_out import LocalOutSender, RingReader
+from forecast.pinned import PinnedCounters
 from forecast_lab import netns, traffic
 from tests.kernel.veth_gateway import (
     BCAST,
@@ -215,7 +218,7 @@ def test_mark_only_sas_get_their_copies_queued_with_their_mark(gateway: Gateway)
         assert len(records) == 10
         payloads = set()
         for record in records:
-            mark, slot, length, family = struct.unpack_from("=IIHB", record)
+            mark, slot, length, family = layout.LOCAL_COPY_HEADER.unpack_from(record)
             packet = record[layout.FC_LOCAL_HEADER : layout.FC_LOCAL_HEADER + length]
             assert (mark, slot, length, family) == (0x21, 7, ip_len, Family.IPV4)
             assert packet[16:20] == socket.inet_aton(GROUP) and packet[8] == 1  # TTL kept
@@ -232,6 +235,82 @@ def test_mark_only_sas_get_their_copies_queued_with_their_mark(gateway: Gateway)
         assert gateway.datapath.drops()[DropReason.LOCAL_OUT_SIZE] == 3
     finally:
         ring.close()
+
+
+def test_the_sender_sends_live_marks_copies_with_their_mark_and_source(gateway: Gateway) -> None:
+    """The daemon's sender (forecast/local_out.py) on the real ring: each live mark's copies
+    leave the named device once, with that mark (iptables on the far side counts per mark) and
+    the LAN sender's address; a mark not (or no longer) live is counted, not sent. Here xf0
+    stands in for the WAN device."""
+    mc = IPv4Network("224.0.0.0/4")
+    gateway.datapath.write_sa(0, SaEntry(0x11, 0x11, (mc,), local_out=True))
+    gateway.datapath.write_sa(1, SaEntry(0x12, 0x12, (mc,), local_out=True))
+    assert gateway.datapath.sync_targets()
+    gateway.configure(local_out_sas=2)
+    with netns.entered(gateway.gw):
+        sender = LocalOutSender(gateway.datapath.maps_dir, gateway.ifindex["xf0"])
+    sources = "-A FCCOUNT -s 10.9.0.2/32 -d 239.255.255.250/32 -i xfpeer\n"  # as saved
+    netns.run(
+        ["iptables-restore", "-n"], netns=gateway.gw, input_text=f"*mangle\n{sources}COMMIT\n"
+    )
+    try:
+        sender.allow({0x11})
+        traffic.send(gateway.lan, GROUP, PORT, "one", 10, iface="eth0", pad=PAD)
+        time.sleep(0.5)
+        assert sender.drain() == 20  # a record per SA and packet
+        assert fcrules(gateway, (4,)) == {0x11: 10, 0x12: 0, 0x13: 0, 0: 0}
+        assert sender.summary().copies["sent"] == 10
+        assert sender.summary().copies["not_live"] == 10
+
+        sender.allow({0x11, 0x12})
+        sender.retain({0x12})  # 0x11's SA going: its guard may be removed after this returns
+        traffic.send(gateway.lan, GROUP, PORT, "two", 5, iface="eth0", pad=PAD)
+        time.sleep(0.5)
+        assert sender.drain() == 10
+        assert fcrules(gateway, (4,)) == {0x11: 10, 0x12: 5, 0x13: 0, 0: 0}
+        saved = netns.run(["iptables-save", "-c", "-t", "mangle"], netns=gateway.gw).stdout
+        assert f"[15:{15 * (20 + 8 + len('one 0') + PAD)}] {sources.strip()}" in saved
+        # what `status` reads: the pinned counts, the same as the sender's own
+        pinned = PinnedCounters.open(gateway.datapath.maps_dir)
+        try:
+            counts = pinned.local_counts()
+        finally:
+            pinned.close()
+        assert counts[LocalResult.SENT] == 15 and counts[LocalResult.NOT_LIVE] == 15
+        assert sum(counts.values()) == 30
+    finally:
+        sender.stop()
+
+
+def test_the_sender_without_cap_net_raw_says_so_and_opens_nothing(gateway: Gateway) -> None:
+    """A unit without CAP_NET_RAW: the sender cannot exist (the daemon then leaves mark-only
+    SAs alone, with a warning) and holds no ring or map open."""
+    code = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from forecast.local_out import LocalOutSender\n"
+        "before = len(os.listdir('/proc/self/fd'))\n"
+        "try:\n"
+        "    LocalOutSender(Path(sys.argv[1]), 1)\n"
+        "except PermissionError:\n"
+        "    print('denied', len(os.listdir('/proc/self/fd')) - before)\n"
+    )
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set=-net_raw",
+            "--inh-caps=-net_raw",
+            sys.executable,
+            "-c",
+            code,
+            str(gateway.datapath.maps_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert out.stdout.split() == ["denied", "0"], out.stderr
 
 
 def test_the_tunnel_program_off_the_xfrm_interface_takes_only_decrypted_packets(

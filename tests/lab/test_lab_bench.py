@@ -1,4 +1,5 @@
-"""`forecast-bpf lab bench --quick` in the session's lab VM: both forwarders, 2 clients, 64 B,
+"""`forecast-bpf lab bench --quick` in the session's lab VM: every forwarder (the plugin,
+forecast-bpf's XFRM-interface path, its local output path for mark-only SAs), 2 clients, 64 B,
 three rates of 2-s steps (the gateway's CPU is read in 10 ms ticks: a 1-s step can be a few
 ticks), five connects. It checks that every figure of the report exists and is sane (the
 benchmark must not rot), not that forecast-bpf beats a threshold: that is BENCHMARKS.md's job."""
@@ -22,7 +23,7 @@ def test_quick_bench(lab: LabRunner, tmp_path: Path) -> None:
 
     steps = [r for r in records if r["kind"] == "step"]
     rates = sorted(set(QUICK_BENCH.rates))
-    for forwarder in ("plugin", "forecast-bpf"):
+    for forwarder in bench_report.FORWARDERS:
         for series, clients in (("multicast", 2), ("esp", 1)):
             mine = [s for s in steps if (s["forwarder"], s["series"]) == (forwarder, series)]
             assert sorted(s["offered_pps"] for s in mine) == rates, (forwarder, series)
@@ -43,10 +44,11 @@ def test_quick_bench(lab: LabRunner, tmp_path: Path) -> None:
         assert row["copies_per_s"] and row["copies_per_s"] > 0
         for key in ("us_per_copy", "esp_us_per_packet", "per_copy_over_esp"):
             assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, row
-    (ratio,) = summ["ratios"]
-    assert all(v is not None and v > 0 for k, v in ratio.items() if k in ("us_per_copy",))
+    assert [(r["forwarder"], r["base"]) for r in summ["ratios"]] == list(bench_report.RATIOS)
+    for ratio in summ["ratios"]:
+        assert ratio["us_per_copy"] is not None and ratio["us_per_copy"] > 0, ratio
 
-    for forwarder in ("plugin", "forecast-bpf"):
+    for forwarder in bench_report.FORWARDERS:
         lat = summ["latency"][forwarder]
         assert lat["measured"] == lat["connects"] == QUICK_BENCH.connects, lat
         assert 0 < lat["p50_ms"] <= lat["p99_ms"] < 10_000, lat
@@ -57,10 +59,12 @@ def test_quick_bench(lab: LabRunner, tmp_path: Path) -> None:
             # a copy is on the client's wire no later than the client decrypts it
             assert sample["up_to_first_esp_ms"] <= sample["up_to_first_copy_ms"], sample
 
-    cold, warm = summ["daemon_start"]
-    assert "compiled" in cold["build_line"] and "adopted" in warm["build_line"]
-    assert cold["start_to_first_copy_s"] and warm["start_to_first_copy_s"] is not None
-    assert "ready:" in cold["ready_line"] and "ready:" in warm["ready_line"]
+    for forwarder in ("forecast-bpf", "forecast-bpf-local-out"):
+        cold, warm = (s for s in summ["daemon_start"] if s["forwarder"] == forwarder)
+        assert "compiled" in cold["build_line"] and "adopted" in warm["build_line"]
+        assert cold["start_to_first_copy_s"] and warm["start_to_first_copy_s"] is not None
+        assert "ready:" in cold["ready_line"] and "ready:" in warm["ready_line"]
 
-    report = bench_report.write(records, tmp_path)
-    assert "forecast-bpf / plugin" in report.read_text()
+    report = bench_report.write(records, tmp_path).read_text()
+    for forwarder, base in bench_report.RATIOS:
+        assert f"## {forwarder} / {base}" in report

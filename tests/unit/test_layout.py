@@ -53,6 +53,9 @@ def test_constants_match() -> None:
     assert d["FC_SA_LOCAL_OUT"] == layout.FC_SA_LOCAL_OUT
     assert d["FC_LOCAL_MAX_PACKET"] == layout.FC_LOCAL_MAX_PACKET
     assert d["FC_LOCAL_HEADER"] == layout.FC_LOCAL_HEADER == layout.FcLocalCopy.packet.offset
+    copy = layout.FcLocalCopy(mark=0xC0FFEE, slot=7, len=1234, family=layout.Family.IPV4)
+    header = bytes(copy)[: layout.FC_LOCAL_HEADER]
+    assert layout.LOCAL_COPY_HEADER.unpack_from(header) == (0xC0FFEE, 7, 1234, layout.Family.IPV4)
     assert re.search(r"#define FC_LOCAL_RING_BYTES \(4 << 20\)", HEADER)
     assert layout.FC_LOCAL_RING_BYTES == 4 << 20
     assert d["FC_LOCAL_RESULTS"] == layout.FC_LOCAL_RESULTS

@@ -422,8 +422,9 @@ try:
 
     # -- least privilege: each capability taken away in turn --------------------------------
     bounding = sorted(prop("CapabilityBoundingSet").split())
-    # iptables-legacy talks to the kernel through a raw socket: the one use of CAP_NET_RAW, so
-    # that one is taken away with legacy (iptables-nft comes up without it), the others with nft.
+    # CAP_NET_RAW: iptables-legacy talks to the kernel through a raw socket, and so does the
+    # local output path's sender (opened at start); that one is taken away with legacy, the
+    # others with nft.
     trials = {
         f"{cap} (nf_tables)": without_capability(cap, bounding)
         for cap in bounding
