@@ -89,8 +89,8 @@ try:
             return {"restart_s": round(d.start(), 1)}
 
         # Long enough for a restart under emulation at Nice=10 with the LAN at full rate
-        # (24 to 34 s measured): the load must cover the whole hand-over.
-        load.phase("daemon_down", 50.0, daemon_down)
+        # (24 to 34 s measured, once 56 s): the load must cover the whole hand-over.
+        load.phase("daemon_down", 80.0, daemon_down)
 
         # -- half gone: one client's outbound SA deleted behind charon's back ----------
         def half_gone() -> dict[str, Any]:
