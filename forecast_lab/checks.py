@@ -153,6 +153,19 @@ def unicast(topo: Topology, count: int = 3, version: int = 4) -> CheckResult:
     )
 
 
+def gateway_clients(topo: Topology) -> tuple[set[str], dict[str, set[str]]]:
+    """The gateway's own view of its CHILD_SAs: (clients that negotiated the LAN broadcast,
+    CHILD_SA config name → its clients)."""
+    bcast: set[str] = set()
+    by_child: dict[str, set[str]] = {}
+    for c in ipsec_state.child_sas(topo.gateway.vici_socket):
+        client = c["remote-id"].split("@")[0]
+        if f"{topo.lan_broadcast}/32" in c["remote-ts"].split():
+            bcast.add(client)
+        by_child.setdefault(c["name"], set()).add(client)
+    return bcast, by_child
+
+
 def counters_after_scenario(
     doc: dict[str, Any], count: int, bcast_clients: set[str], origin: str, others: set[str]
 ) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:

@@ -93,18 +93,11 @@ try:
         )
     )
 
-    bcast_clients = {
-        c["remote-id"].split("@")[0]
-        for c in ipsec_state.child_sas(topo.gateway.vici_socket)
-        if f"{topo.lan_broadcast}/32" in c["remote-ts"].split()
-    }
+    # Who negotiated the LAN broadcast, who is reinjected: the gateway's own view of its SAs.
+    bcast_clients, clients_of = checks.gateway_clients(topo)
     report(checks.lan_to_clients(topo, checks.SSDP_GROUP, names))
     report(checks.lan_to_clients(topo, topo.lan_broadcast, bcast_clients))
-    reinjected = {
-        c["remote-id"].split("@")[0]
-        for c in ipsec_state.child_sas(topo.gateway.vici_socket)
-        if c["name"] in REINJECT
-    }
+    reinjected = set().union(*(clients_of.get(name, set()) for name in REINJECT))
     others = reinjected - {first.name}
     report(checks.client_to_others(topo, first.name, checks.SSDP_GROUP, others, expect_lan=True))
     report(checks.unicast(topo))
